@@ -1,0 +1,187 @@
+"""Model configuration: ml_collections ConfigDicts and the validator every entry point shares.
+
+A model config has three parts, named after the three stages of the data flow:
+
+  vit      SigLIP2-style ViT (patch 14, learned position embedding, pre-LN blocks)
+  adapter  multi-layer features -> attention pooling over pool x pool windows -> SwiGLU projector
+  llm      Qwen3-style decoder (RMSNorm, RoPE, GQA, per-head qk-norm, SwiGLU)
+
+plus `tokens` (the special-token ids of the prompt layout) and `dtype` / `param_dtype`.
+Everything that decides a shape is a Python int here; `validate_model_config` refuses impossible
+settings before any work starts, naming the offending field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Special-token ids of the real Molmo2 tokenizer (base vocabulary 151,936 + 128 additional).
+MOLMO2_TOKENS = dict(
+    image_start_id=151936,
+    image_end_id=151937,
+    image_patch_id=151938,
+    image_col_id=151939,
+    low_res_image_start_id=151940,
+    image_id=151941,
+    image_low_id=151942,
+    frame_start_id=151943,
+    frame_end_id=151944,
+    video_id=151945,
+)
+
+ROPE_TYPES = ("default", "linear")  # yarn / llama3 / dynamic: not yet ported
+
+
+def vit_config(**overrides) -> ml_collections.ConfigDict:
+    """Returns a ViT config with SigLIP2-so400m shapes (25 blocks, as the released Molmo2 weights)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            hidden_size=1152,
+            num_layers=25,
+            num_heads=16,
+            head_dim=72,
+            mlp_dim=4304,
+            patch_size=14,
+            image_size=378,
+            num_channels=3,
+            layer_norm_eps=1e-6,
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def adapter_config(**overrides) -> ml_collections.ConfigDict:
+    """Returns an adapter config with Molmo2-4B shapes (layers (24, 18), 3x3 video pooling)."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            feature_layers=(24, 18),  # 0-based ViT block indices whose outputs are concatenated
+            num_heads=16,
+            head_dim=72,
+            mlp_dim=9728,
+            pool_size=3,  # video frames: 3x3 windows; 27x27 patches -> 81 tokens per frame
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def llm_config(**overrides) -> ml_collections.ConfigDict:
+    """Returns an LLM config with Qwen3-4B shapes."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            hidden_size=2560,
+            num_layers=36,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            mlp_dim=9728,
+            vocab_size=151936,
+            additional_vocab_size=128,
+            rms_norm_eps=1e-6,
+            qk_norm_type="qwen3",
+            norm_after=False,
+            rope_theta=1_000_000.0,
+            rope_type="default",
+            rope_factor=1.0,
+            rope_scaling_layers=(),  # empty = every layer uses the scaled RoPE
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def model_config(vit=None, adapter=None, llm=None, **overrides) -> ml_collections.ConfigDict:
+    """Returns a full VLM model config assembled from the three part configs."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            vit=vit if vit is not None else vit_config(),
+            adapter=adapter if adapter is not None else adapter_config(),
+            llm=llm if llm is not None else llm_config(),
+            tokens=ml_collections.ConfigDict(dict(MOLMO2_TOKENS)),
+            dtype="float32",
+            param_dtype="float32",
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_model_config() -> ml_collections.ConfigDict:
+    """Returns a tiny config (126 px frames, 9x9 patches, 9 tokens per frame) that runs in ms on a CPU."""
+    return model_config(
+        vit=vit_config(hidden_size=32, num_layers=3, num_heads=2, head_dim=16, mlp_dim=64, image_size=126),
+        adapter=adapter_config(feature_layers=(2, 1), num_heads=2, head_dim=16, mlp_dim=48),
+        llm=llm_config(
+            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
+            vocab_size=100, additional_vocab_size=16, rope_theta=10000.0,
+        ),
+        tokens=ml_collections.ConfigDict(dict(
+            image_start_id=100, image_end_id=101, image_patch_id=102, image_col_id=103,
+            low_res_image_start_id=104, image_id=105, image_low_id=106, frame_start_id=107,
+            frame_end_id=108, video_id=109,
+        )),
+    )
+
+
+class ConfigError(ValueError):
+    """A config field holds an impossible value; the message names the field."""
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field `{field}`: {message}")
+
+
+def grid_size(cfg: ml_collections.ConfigDict) -> int:
+    """Returns patches per side of a frame (27 at 378 px / patch 14)."""
+    return cfg.vit.image_size // cfg.vit.patch_size
+
+
+def windows_per_side(cfg: ml_collections.ConfigDict) -> int:
+    """Returns pooling windows per side of a frame (grid padded up to a multiple of the pool size)."""
+    return -(-grid_size(cfg) // cfg.adapter.pool_size)
+
+
+def tokens_per_frame(cfg: ml_collections.ConfigDict) -> int:
+    """Returns LLM tokens per video frame (81 at Molmo2 shapes)."""
+    return windows_per_side(cfg) ** 2
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns `cfg` unchanged, or raises ConfigError naming the first impossible field."""
+    for part in ("vit", "adapter", "llm", "tokens"):
+        _require(part in cfg, part, "missing section")
+    vit, ad, llm = cfg.vit, cfg.adapter, cfg.llm
+    for name in ("hidden_size", "num_layers", "num_heads", "head_dim", "mlp_dim", "patch_size", "image_size"):
+        _require(isinstance(vit[name], int) and vit[name] > 0, f"vit.{name}", f"must be a positive int, got {vit[name]!r}")
+    _require(vit.image_size % vit.patch_size == 0, "vit.image_size",
+             f"{vit.image_size} is not a multiple of vit.patch_size={vit.patch_size}")
+    _require(vit.num_channels == 3, "vit.num_channels", f"must be 3 (RGB), got {vit.num_channels}")
+    layers = tuple(ad.feature_layers)
+    _require(len(layers) > 0, "adapter.feature_layers", "must name at least one ViT block")
+    for layer in layers:
+        _require(isinstance(layer, int) and 0 <= layer < vit.num_layers, "adapter.feature_layers",
+                 f"{layers} must be 0-based block indices below vit.num_layers={vit.num_layers}")
+    _require(ad.pool_size in (1, 2, 3, 4), "adapter.pool_size", f"must be 1..4, got {ad.pool_size}")
+    for name in ("num_heads", "head_dim", "mlp_dim"):
+        _require(isinstance(ad[name], int) and ad[name] > 0, f"adapter.{name}", f"must be a positive int, got {ad[name]!r}")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size"):
+        _require(isinstance(llm[name], int) and llm[name] > 0, f"llm.{name}", f"must be a positive int, got {llm[name]!r}")
+    _require(llm.num_heads % llm.num_kv_heads == 0, "llm.num_kv_heads",
+             f"llm.num_heads={llm.num_heads} is not a multiple of llm.num_kv_heads={llm.num_kv_heads}")
+    _require(llm.head_dim % 2 == 0, "llm.head_dim", f"RoPE needs an even head_dim, got {llm.head_dim}")
+    _require(llm.additional_vocab_size >= 0, "llm.additional_vocab_size", "must be >= 0")
+    _require(llm.qk_norm_type in ("qwen3", "olmo"), "llm.qk_norm_type", f"must be 'qwen3' or 'olmo', got {llm.qk_norm_type!r}")
+    _require(llm.rope_type in ROPE_TYPES, "llm.rope_type", f"must be one of {ROPE_TYPES}, got {llm.rope_type!r}")
+    _require(llm.rope_factor > 0, "llm.rope_factor", "must be > 0")
+    for layer in tuple(llm.rope_scaling_layers):
+        _require(0 <= layer < llm.num_layers, "llm.rope_scaling_layers",
+                 f"{tuple(llm.rope_scaling_layers)} must index the {llm.num_layers} LLM layers")
+    vocab_total = llm.vocab_size + llm.additional_vocab_size
+    for name, value in cfg.tokens.items():
+        _require(0 <= value < vocab_total, f"tokens.{name}",
+                 f"id {value} is outside the embedding table of {vocab_total} rows")
+    _require(cfg.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {cfg.dtype!r}")
+    _require(cfg.param_dtype in ("float32", "bfloat16"), "param_dtype", f"must be float32 or bfloat16, got {cfg.param_dtype!r}")
+    return cfg

@@ -1,0 +1,1 @@
+"""Video decoding, Molmo2 preprocessing and prompt layout."""

@@ -1,0 +1,1 @@
+"""Interop with transformers / PyTorch checkpoints (no torch import here)."""

@@ -1,0 +1,1 @@
+"""Model modules (Flax NNX) and pure pruning functions."""
