@@ -13,6 +13,8 @@ settings before any work starts, naming the offending field.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 # Special-token ids of the real Molmo2 tokenizer (base vocabulary 151,936 + 128 additional).
@@ -91,13 +93,40 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def model_config(vit=None, adapter=None, llm=None, **overrides) -> ml_collections.ConfigDict:
-    """Returns a full VLM model config assembled from the three part configs."""
+STTS_METHODS = ("scorer", "random", "none")
+
+
+def stts_config(**overrides) -> ml_collections.ConfigDict:
+    """Returns STTS settings (spec §8 knobs); defaults are the paper's: scorer, ratio 0.5, prune_at 3, λ 0.5."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            method="scorer",  # scorer | random | none
+            prune_ratio=0.5,
+            prune_at=3,  # the scorer reads the output of this ViT block; block prune_at+1 gets the log-score bias
+            aux_loss_weight=0.5,
+            bias_floor=math.exp(-2.0),
+            prune_from_frame=0,
+            pool_size=3,  # must equal adapter.pool_size: a window is one LLM token
+            rescale_scope="frame",  # frame | row (compat)
+            pairing="per-video",  # per-video | flat (compat)
+            aux_target_grad="stop",  # stop | pass (compat)
+            execution="masked",  # masked | packed
+            refill=False,
+            score_bias=True,  # the soft bias that carries LM gradients to the scorer (off only for ablations)
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def model_config(vit=None, adapter=None, llm=None, stts=None, **overrides) -> ml_collections.ConfigDict:
+    """Returns a full VLM model config assembled from the part configs (STTS off unless `stts` is given)."""
     cfg = ml_collections.ConfigDict(
         dict(
             vit=vit if vit is not None else vit_config(),
             adapter=adapter if adapter is not None else adapter_config(),
             llm=llm if llm is not None else llm_config(),
+            stts=stts if stts is not None else stts_config(method="none"),
             tokens=ml_collections.ConfigDict(dict(MOLMO2_TOKENS)),
             dtype="float32",
             param_dtype="float32",
@@ -116,6 +145,7 @@ def tiny_model_config() -> ml_collections.ConfigDict:
             hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96,
             vocab_size=100, additional_vocab_size=16, rope_theta=10000.0,
         ),
+        stts=stts_config(method="none", prune_at=0),
         tokens=ml_collections.ConfigDict(dict(
             image_start_id=100, image_end_id=101, image_patch_id=102, image_col_id=103,
             low_res_image_start_id=104, image_id=105, image_low_id=106, frame_start_id=107,
@@ -182,6 +212,34 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     for name, value in cfg.tokens.items():
         _require(0 <= value < vocab_total, f"tokens.{name}",
                  f"id {value} is outside the embedding table of {vocab_total} rows")
+    if "stts" in cfg:
+        validate_stts_config(cfg)
     _require(cfg.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {cfg.dtype!r}")
     _require(cfg.param_dtype in ("float32", "bfloat16"), "param_dtype", f"must be float32 or bfloat16, got {cfg.param_dtype!r}")
     return cfg
+
+
+def validate_stts_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first impossible STTS field of a model config."""
+    st = cfg.stts
+    _require(st.method in STTS_METHODS, "stts.method", f"must be one of {STTS_METHODS}, got {st.method!r}")
+    if st.method == "none":
+        return  # pruning off: the other knobs are unused
+    _require(0.0 <= st.prune_ratio < 1.0, "stts.prune_ratio", f"must be in [0, 1), got {st.prune_ratio}")
+    _require(isinstance(st.prune_at, int) and 0 <= st.prune_at < cfg.vit.num_layers - 1, "stts.prune_at",
+             f"must be in [0, vit.num_layers - 1 = {cfg.vit.num_layers - 1}) so that block prune_at + 1 exists, "
+             f"got {st.prune_at}")
+    _require(st.pool_size == cfg.adapter.pool_size, "stts.pool_size",
+             f"{st.pool_size} does not match adapter.pool_size={cfg.adapter.pool_size} (a window must be one LLM token)")
+    _require(st.aux_loss_weight >= 0, "stts.aux_loss_weight", f"must be >= 0, got {st.aux_loss_weight}")
+    _require(0.0 < st.bias_floor <= 1.0, "stts.bias_floor", f"must be in (0, 1], got {st.bias_floor}")
+    _require(isinstance(st.prune_from_frame, int) and st.prune_from_frame >= 0, "stts.prune_from_frame",
+             f"must be an int >= 0, got {st.prune_from_frame!r}")
+    _require(st.rescale_scope in ("frame", "row"), "stts.rescale_scope", f"must be 'frame' or 'row', got {st.rescale_scope!r}")
+    _require(st.pairing in ("per-video", "flat"), "stts.pairing", f"must be 'per-video' or 'flat', got {st.pairing!r}")
+    _require(st.aux_target_grad in ("stop", "pass"), "stts.aux_target_grad",
+             f"must be 'stop' or 'pass', got {st.aux_target_grad!r}")
+    _require(st.execution in ("masked", "packed"), "stts.execution", f"must be 'masked' or 'packed', got {st.execution!r}")
+    _require(st.execution == "masked", "stts.execution",
+             "'packed' execution is not implemented yet (issue 4); use 'masked'")
+    _require(not st.refill, "stts.refill", "refill needs packed execution, which is not implemented yet")

@@ -88,3 +88,24 @@ def test_legacy_vit_config_trims_unused_blocks_like_transformers():
     assert list(cfg.adapter.feature_layers) == list(ref.adapter_config.vision_feature_layer)
     assert cfg.vit.num_layers == ref.vision_config.num_hidden_layers
     assert cfg.vit.image_size == ref.vision_config.image_size[0]
+
+
+def test_scorer_is_initialised_fresh_and_logged(tmp_path, hf_model, caplog):
+    from absl import logging as absl_logging
+
+    from stts_jax.config import stts_config
+
+    hf_model.save_pretrained(tmp_path, save_original_format=False)
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    cfg.stts = stts_config(prune_at=0)
+    absl_logging.set_verbosity(absl_logging.INFO)
+    with caplog.at_level("INFO"):
+        model, report = load_molmo2(str(tmp_path), cfg)
+    assert report.fresh == ["scorer"]
+    assert any("initialised fresh" in r.getMessage() and "scorer" in r.getMessage() for r in caplog.records)
+    kernel = np.asarray(model.scorer.fc1.kernel[...])
+    assert kernel.std() == pytest.approx(np.sqrt(1 / kernel.shape[0]), rel=0.2)  # truncated normal, fan-in scale
+    assert np.all(np.asarray(model.scorer.fc1.bias[...]) == 0)
+    want = hf_model.model.vision_tower.layers[0].mlp.fc1.weight.detach().numpy().T
+    np.testing.assert_array_equal(np.asarray(model.vit.blocks[0].fc1.kernel[...]), want)

@@ -25,9 +25,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stts_jax.config import validate_model_config
+from stts_jax.config import tokens_per_frame, validate_model_config
+from stts_jax.model import pruning
 from stts_jax.model.adapter import Adapter
 from stts_jax.model.llm import LanguageModel
+from stts_jax.model.pruning import FrameLayout
+from stts_jax.model.scorer import TemporalTokenScorer
 from stts_jax.model.vit import VisionTransformer
 
 VISION_LAYOUT_TOKENS = ("image_patch_id", "image_col_id", "image_start_id", "low_res_image_start_id",
@@ -59,7 +62,14 @@ def splice_vision(embeddings: jax.Array, input_ids: jax.Array, features: jax.Arr
 
 
 class Molmo2VLM(nnx.Module):
-    """ViT + adapter + LLM; `__call__(batch)` returns logits [B, L, vocab]."""
+    """ViT + adapter + LLM (+ the STTS scorer when cfg.stts.method == "scorer").
+
+    `__call__(batch)` returns logits [B, L, vocab]; `forward(batch, layout, rng)` also returns the STTS
+    auxiliaries. With STTS on (method scorer/random and some video with K > 0), `layout` (a static
+    FrameLayout of the flat frame list) is required, `pooling_idx` must hold every window of every frame
+    ([F*W, S], frame-major), and `input_ids` must hold exactly W*T - K placeholders per video; the model
+    drops the pruned windows and regroups each frame's placeholders to its kept count.
+    """
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         validate_model_config(cfg)
@@ -68,28 +78,114 @@ class Molmo2VLM(nnx.Module):
         self.vit = VisionTransformer(cfg.vit, **kw)
         self.adapter = Adapter(cfg, **kw)
         self.llm = LanguageModel(cfg, **kw)
+        self.scorer = TemporalTokenScorer(cfg, **kw) if cfg.stts.method == "scorer" else None
         self.feature_layers = tuple(cfg.adapter.feature_layers)
         self.vision_layout_ids = tuple(int(cfg.tokens[name]) for name in VISION_LAYOUT_TOKENS)
 
     def vit_hidden_states(self, pixel_values: jax.Array) -> list[jax.Array]:
-        """Returns the outputs [F, N, D] of ViT blocks 0..max(feature_layers)."""
+        """Returns the outputs [F, N, D] of ViT blocks 0..max(feature_layers) (no pruning)."""
         return self.vit(pixel_values, num_blocks=max(self.feature_layers) + 1)
 
-    def encode_video(self, pixel_values: jax.Array, pooling_idx: jax.Array) -> jax.Array:
-        """Returns pooled vision tokens [T, H_llm] for patches [F, N, P*P*3] and windows [T, S]."""
-        hidden = self.vit_hidden_states(pixel_values)
-        features = jnp.concatenate([hidden[layer] for layer in self.feature_layers], axis=-1)
-        return self.adapter(features.reshape(-1, features.shape[-1]), pooling_idx)
+    def pruning_active(self, layout: FrameLayout | None) -> bool:
+        """Returns whether STTS prunes anything for this layout (static)."""
+        st = self.cfg.stts
+        if st.method == "none":
+            return False
+        if layout is None:
+            raise ValueError("STTS pruning is on (cfg.stts.method=%r): pass the static FrameLayout of the "
+                             "batch's frames" % st.method)
+        w = tokens_per_frame(self.cfg)
+        return any(pruning.video_prune_counts(layout, w, st.prune_ratio, st.prune_from_frame))
 
-    def __call__(self, batch: dict) -> jax.Array:
-        """Returns logits [B, L, vocab_size] for a batch dict (see module docstring)."""
+    def encode_video(self, pixel_values: jax.Array, pooling_idx: jax.Array, layout: FrameLayout | None = None,
+                     rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Returns (pooled vision tokens [T_kept, H_llm], aux) for patches [F, N, P*P*3] and windows [F*W, S]."""
+        if not self.pruning_active(layout):
+            hidden = self.vit_hidden_states(pixel_values)
+            features = jnp.concatenate([hidden[layer] for layer in self.feature_layers], axis=-1)
+            tokens = self.adapter(features.reshape(-1, features.shape[-1]), pooling_idx)
+            return tokens, dict(temporal_loss=jnp.zeros((), jnp.float32))
+        st, cfg = self.cfg.stts, self.cfg
+        grid, pool, w = cfg.vit.image_size // cfg.vit.patch_size, cfg.adapter.pool_size, tokens_per_frame(cfg)
+        f = pixel_values.shape[0]
+        if f != layout.num_frames or pooling_idx.shape[0] != f * w:
+            raise ValueError(f"pixel_values has {f} frames and pooling_idx {pooling_idx.shape[0]} rows; the layout "
+                             f"needs {layout.num_frames} frames and {layout.num_frames * w} rows (every window)")
+        x = self.vit.embed(pixel_values)
+        hidden, key_bias, key_mask = [], None, None
+        temporal = jnp.zeros((), jnp.float32)
+        num_blocks = max(max(self.feature_layers), st.prune_at + 1) + 1
+        for i, block in enumerate(self.vit.blocks[:num_blocks]):
+            if i == st.prune_at + 1:
+                x = block(x, key_bias=key_bias)  # all tokens; keys down-weighted by log(s~)
+            elif i > st.prune_at + 1:
+                x = block(x, mask=key_mask)  # masked execution: kept tokens see kept tokens of their frame
+            else:
+                x = block(x)
+            hidden.append(x)
+            if i != st.prune_at:
+                continue
+            if st.method == "scorer":
+                scores = self.scorer(x, layout, st.pairing)
+            else:
+                if rng is None:
+                    raise ValueError("stts.method='random' needs an rng key")
+                scores = jax.random.uniform(rng, (f, w))
+            keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio, prune_from_frame=st.prune_from_frame)
+            keep_patch = pruning.windows_to_patches(keep, grid, pool)  # [F, N]
+            key_mask = keep_patch[:, None, :]
+            if st.method == "scorer":
+                if st.score_bias:
+                    key_bias = pruning.key_bias(pruning.rescale_scores(
+                        scores, layout, grid=grid, pool=pool, ratio=st.prune_ratio,
+                        prune_from_frame=st.prune_from_frame, scope=st.rescale_scope, floor=st.bias_floor))
+                temporal = pruning.temporal_loss(
+                    scores, x, layout, grid=grid, pool=pool, ratio=st.prune_ratio,
+                    prune_from_frame=st.prune_from_frame, pairing=st.pairing, target_grad=st.aux_target_grad)
+        features = jnp.concatenate([hidden[layer] for layer in self.feature_layers], axis=-1)
+        features = features * keep_patch[..., None].astype(features.dtype)  # zeros at pruned positions
+        num_kept = pruning.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
+        rows = pruning.kept_window_rows(keep, num_kept)
+        tokens = self.adapter(features.reshape(-1, features.shape[-1]), pooling_idx[rows])
+        return tokens, dict(temporal_loss=temporal, keep=keep, scores=scores)
+
+    def forward(self, batch: dict, layout: FrameLayout | None = None, rng: jax.Array | None = None):
+        """Returns (logits [B, L, vocab_size], aux) where aux holds `temporal_loss` (and keep/scores if pruning)."""
         input_ids = batch["input_ids"]
-        embeddings = self.llm.embed(input_ids)
-        features = self.encode_video(batch["pixel_values"], batch["pooling_idx"])
-        embeddings = splice_vision(embeddings, input_ids, features, self.cfg.tokens.image_patch_id)
+        features, aux = self.encode_video(batch["pixel_values"], batch["pooling_idx"], layout, rng)
+        if "keep" in aux:
+            input_ids = pruning.relayout_vision_tokens(
+                input_ids, aux["keep"].sum(-1), placeholder_id=self.cfg.tokens.image_patch_id,
+                end_marker_ids=(self.cfg.tokens.frame_end_id, self.cfg.tokens.image_end_id))
+        embeddings = splice_vision(self.llm.embed(input_ids), input_ids, features, self.cfg.tokens.image_patch_id)
         vision_layout = jnp.isin(input_ids, jnp.asarray(self.vision_layout_ids, jnp.int32))
         mask = attention_mask(batch["segment_ids"], vision_layout)
-        return self.llm(embeddings, batch["positions"], mask)
+        return self.llm(embeddings, batch["positions"], mask), aux
+
+    def __call__(self, batch: dict, layout: FrameLayout | None = None, rng: jax.Array | None = None) -> jax.Array:
+        """Returns logits [B, L, vocab_size] for a batch dict (see module docstring)."""
+        return self.forward(batch, layout, rng)[0]
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Returns the mean next-token cross-entropy over positions where loss_mask is set."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    # special tokens (ids >= vocab_size) cannot be predicted: they must be masked, and are clipped so the
+    # gather stays in range (an out-of-range gather yields NaN, and NaN * 0 is NaN)
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    mask = loss_mask.astype(bool)
+    return jnp.where(mask, nll, 0.0).sum() / jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+
+
+def total_loss(model: Molmo2VLM, batch: dict, layout: FrameLayout | None = None,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Returns (L_LM + aux_loss_weight * L_temp, metrics) for a batch with `targets` and `loss_mask` [B, L]."""
+    logits, aux = model.forward(batch, layout, rng)
+    lm = lm_loss(logits, batch["targets"], batch["loss_mask"])
+    weight = model.cfg.stts.aux_loss_weight if model.cfg.stts.method == "scorer" else 0.0
+    loss = lm + weight * aux["temporal_loss"]
+    return loss, dict(loss=loss, lm_loss=lm, temporal_loss=aux["temporal_loss"])
 
 
 class Forward(NamedTuple):
@@ -99,10 +195,11 @@ class Forward(NamedTuple):
     apply: Callable
 
 
-def make_forward(model: Molmo2VLM, mesh=None) -> Forward:
-    """Returns a Forward whose `apply` is one jax.jit compilation per batch shape.
+def make_forward(model: Molmo2VLM, mesh=None, layout: FrameLayout | None = None) -> Forward:
+    """Returns a Forward whose `apply(state, batch, rng=None)` is one jax.jit compilation per batch shape.
 
-    With a mesh, parameters keep their logical-rule shardings and logits come out sharded over the batch.
+    `layout` is the static FrameLayout STTS needs (closed over: one Forward per layout). With a mesh,
+    parameters keep their logical-rule shardings and logits come out sharded over the batch.
     """
     graphdef, state = nnx.split(model)
     kwargs = {}
@@ -112,13 +209,13 @@ def make_forward(model: Molmo2VLM, mesh=None) -> Forward:
         kwargs["out_shardings"] = sharding.batch_sharding(mesh, 3)
 
     @functools.partial(jax.jit, **kwargs)
-    def apply(state, batch):
-        return nnx.merge(graphdef, state)(batch)
+    def apply(state, batch, rng=None):
+        return nnx.merge(graphdef, state)(batch, layout, rng)
 
     return Forward(graphdef, state, apply)
 
 
-def check_batch(batch: dict, cfg: ml_collections.ConfigDict) -> None:
+def check_batch(batch: dict, cfg: ml_collections.ConfigDict, layout: FrameLayout | None = None) -> None:
     """Raises ValueError naming the problem if a host-side batch (numpy) cannot be run by Molmo2VLM."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
@@ -137,6 +234,19 @@ def check_batch(batch: dict, cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"batch['pooling_idx'] (shape {pool.shape}) must be [tokens, window] indices "
                          f"below frames*patches={pix[0] * pix[1]}")
     placeholders = int((ids == cfg.tokens.image_patch_id).sum())
-    if placeholders != pool.shape[0]:
+    st = cfg.stts
+    if st.method != "none":
+        if layout is None:
+            raise ValueError("STTS is on: check_batch needs the batch's FrameLayout")
+        if layout.num_frames != pix[0]:
+            raise ValueError(f"layout describes {layout.num_frames} frames, pixel_values holds {pix[0]}")
+        w = tokens_per_frame(cfg)
+        want = pruning.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
+        if pool.shape[0] != pix[0] * w:
+            raise ValueError(f"with STTS, pooling_idx must list every window: {pix[0] * w} rows, got {pool.shape[0]}")
+        if placeholders != want:
+            raise ValueError(f"input_ids hold {placeholders} image-patch placeholders; with STTS (ratio "
+                             f"{st.prune_ratio}) the layout keeps {want} vision tokens (sum of W*T - K)")
+    elif placeholders != pool.shape[0]:
         raise ValueError(f"input_ids hold {placeholders} image-patch placeholders but pooling_idx describes "
                          f"{pool.shape[0]} vision tokens")

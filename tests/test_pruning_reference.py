@@ -1,0 +1,528 @@
+"""STTS pruning vs an independent numpy reference (selection, rescale, key bias, pairing, temporal loss).
+
+The reference below is written from STTS_SPEC.md sections 3-6 and the pruning API contract, with plain loops and
+float64 arithmetic; it shares no code with `stts_jax.model.pruning` (not even the window layout helper, which is
+re-derived here and only cross-checked against `window_patch_ids`).
+"""
+
+import itertools
+import math
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stts_jax.model.adapter import window_patch_ids
+from stts_jax.model.pruning import (FrameLayout, key_bias, pair_with_previous, protected_frames, prune_count,
+                                    rescale_scores, select_windows, temporal_loss)
+
+FLOOR = math.exp(-2)
+ATOL = 1e-5
+LOSS_RTOL = 1e-4
+
+# Batches of several videos of different lengths, some with images mixed in (flat frame order).
+LAYOUTS = [
+    (("video", 4),),
+    (("video", 3), ("video", 5)),
+    (("video", 1), ("video", 6), ("video", 2)),
+    (("video", 3), ("image", 1), ("video", 4)),
+    (("image", 1), ("video", 2), ("image", 1), ("video", 5)),
+]
+LAYOUT_IDS = ["v4", "v3-v5", "v1-v6-v2", "v3-img-v4", "img-v2-img-v5"]
+RATIOS = [0.0, 0.3, 0.5, 0.8]
+PFFS = [0, 2]
+GRIDS = [(9, 3), (8, 3), (7, 3)]  # 8 and 7 need padding to a multiple of 3 (W = 9 in all three)
+SCOPES = ["frame", "row"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numpy reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def ref_windows(grid, pool):
+    """[W, pool*pool] patch ids per window, -1 for padding slots (symmetric padding, floor(pad/2) before)."""
+    pad = (-grid) % pool
+    before = pad // 2
+    side = (grid + pad) // pool
+    out = np.full((side * side, pool * pool), -1, np.int64)
+    for wr in range(side):
+        for wc in range(side):
+            for i in range(pool):
+                for j in range(pool):
+                    r, c = wr * pool + i - before, wc * pool + j - before
+                    if 0 <= r < grid and 0 <= c < grid:
+                        out[wr * side + wc, i * pool + j] = r * grid + c
+    return out
+
+
+def ref_groups(groups):
+    """Yields (kind, first flat frame, number of frames) per group."""
+    start = 0
+    for kind, n in groups:
+        yield kind, start, n
+        start += n
+
+
+def ref_protected(T, pff):
+    return min(T, max(1, pff))
+
+
+def ref_prune_count(T, W, ratio, pff=0):
+    if not 0 <= ratio < 1:
+        raise ValueError(ratio)
+    k = math.floor(W * Fraction(repr(float(ratio))) * (T - pff))  # exact, on the decimal the user wrote
+    k = max(k, 0)
+    return min(k, W * (T - ref_protected(T, pff)))
+
+
+def ref_select(scores, groups, ratio, pff):
+    F, W = scores.shape
+    keep = np.ones((F, W), bool)
+    for kind, start, T in ref_groups(groups):
+        if kind != "video":
+            continue
+        K = ref_prune_count(T, W, ratio, pff)
+        if K == 0:
+            continue
+        P = ref_protected(T, pff)
+        cand = [(float(scores[start + t, w]), t * W + w, t, w) for t in range(P, T) for w in range(W)]
+        cand.sort(key=lambda x: (x[0], x[1]))  # lowest score first, ties: lower flat index first
+        for _, _, t, w in cand[:K]:
+            keep[start + t, w] = False
+    return keep
+
+
+def ref_rescale(scores, groups, grid, pool, ratio, pff, scope, floor=FLOOR):
+    scores = np.asarray(scores, np.float64)
+    F, W = scores.shape
+    win = ref_windows(grid, pool)
+    assert win.shape[0] == W
+    out = np.ones((F, grid * grid))
+    for kind, start, T in ref_groups(groups):
+        if kind != "video" or ref_prune_count(T, W, ratio, pff) == 0:
+            continue
+        for t in range(ref_protected(T, pff), T):
+            f = start + t
+            patch = np.full(grid * grid, np.nan)
+            for w in range(W):
+                for pid in win[w]:
+                    if pid >= 0:
+                        patch[pid] = scores[f, w]
+            assert not np.isnan(patch).any()
+            if scope == "frame":
+                mn, mx = patch.min(), patch.max()
+                out[f] = floor + (patch - mn) * (1 - floor) / (mx - mn + 1e-6)
+            else:
+                rows = patch.reshape(grid, grid)
+                for r in range(grid):
+                    mn, mx = rows[r].min(), rows[r].max()
+                    out[f, r * grid:(r + 1) * grid] = floor + (rows[r] - mn) * (1 - floor) / (mx - mn + 1e-6)
+    return out
+
+
+def ref_pair(z, groups, pairing):
+    z = np.asarray(z, np.float64)
+    F = z.shape[0]
+    prev = np.zeros_like(z)
+    if pairing == "flat":
+        for f in range(1, F):
+            prev[f] = z[f - 1]
+    else:
+        for _, start, T in ref_groups(groups):
+            for t in range(1, T):
+                prev[start + t] = z[start + t - 1]
+    return np.concatenate([prev, z], axis=-1)
+
+
+def ref_window_vectors(hidden, grid, pool):
+    hidden = np.asarray(hidden, np.float64)
+    F, N, D = hidden.shape
+    assert N == grid * grid
+    win = ref_windows(grid, pool)
+    vec = np.zeros((F, win.shape[0], pool * pool * D))
+    for f in range(F):
+        for w in range(win.shape[0]):
+            for slot, pid in enumerate(win[w]):
+                if pid >= 0:
+                    vec[f, w, slot * D:(slot + 1) * D] = hidden[f, pid]
+    return vec
+
+
+def ref_cos(a, b):
+    return float(a @ b) / (max(np.linalg.norm(a), 1e-8) * max(np.linalg.norm(b), 1e-8))
+
+
+def ref_loss_pairs(groups, W, ratio, pff, pairing):
+    """Flat indices f of the current frame of every (f-1, f) pair in the loss."""
+    pairs = []
+    for kind, start, T in ref_groups(groups):
+        if kind != "video" or ref_prune_count(T, W, ratio, pff) == 0:
+            continue
+        if pairing == "flat":
+            pairs += [f for f in range(start, start + T) if f >= 1]
+        else:
+            pairs += list(range(start + 1, start + T))
+    return pairs
+
+
+def ref_temporal_loss(scores, hidden, groups, grid, pool, ratio, pff, pairing, return_parts=False):
+    scores = np.asarray(scores, np.float64)
+    F, W = scores.shape
+    vec = ref_window_vectors(hidden, grid, pool)
+    pairs = ref_loss_pairs(groups, W, ratio, pff, pairing)
+    total, n, resid = 0.0, 0, {}
+    for f in pairs:
+        for w in range(W):
+            c = ref_cos(vec[f - 1, w], vec[f, w])
+            resid[f, w] = scores[f, w] - (1.0 - c)
+            total += resid[f, w] ** 2
+            n += 1
+    loss = total / n if n else 0.0
+    return (loss, resid, n) if return_parts else loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_layout(groups):
+    layout = FrameLayout(tuple(groups))
+    assert layout.num_frames == sum(n for _, n in groups)
+    return layout
+
+
+def random_scores(rng, F, W, ties=False):
+    """float32 scores in (0, 1); with ties, values from {0.1, ..., 0.9} so many repeat exactly."""
+    if ties:
+        s = rng.integers(1, 10, size=(F, W)) / 10.0
+    else:
+        s = rng.uniform(0.01, 0.99, size=(F, W))
+    return s.astype(np.float32)
+
+
+def cases(*lists):
+    return list(itertools.product(*lists))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reference's own sanity (no implementation involved)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_reference_self_check():
+    # window layout on a 7x7 grid, pool 3: one padding row/col before and after
+    win = ref_windows(7, 3)
+    assert win.shape == (9, 9)
+    assert win[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, 7, 8]
+    assert win[4].tolist() == [16, 17, 18, 23, 24, 25, 30, 31, 32]
+    assert sorted(win[win >= 0].tolist()) == list(range(49))
+    # grid 8, pool 3: pad 1 = 0 before, 1 after
+    win = ref_windows(8, 3)
+    assert win[0].tolist() == [0, 1, 2, 8, 9, 10, 16, 17, 18] and win[8].tolist()[-3:] == [-1, -1, -1]
+    # K examples worked by hand
+    assert ref_prune_count(10, 81, 0.3) == 243 and ref_prune_count(10, 81, 0.3, 1) == 218
+    assert ref_prune_count(1, 81, 0.5) == 0 and ref_prune_count(4, 81, 0.8) == 243  # capped at W*(T-1)
+    # tie order: lower flat index dropped first
+    keep = ref_select(np.array([[0.1, 0.1], [0.5, 0.5], [0.5, 0.5]]), (("video", 3),), 0.5, 0)
+    assert keep.tolist() == [[True, True], [False, False], [False, True]]
+
+
+@pytest.mark.parametrize("grid,pool", [(9, 3), (8, 3), (7, 3), (6, 3), (5, 2), (4, 2), (27, 3), (6, 4)])
+def test_window_layout_matches_adapter(grid, pool):
+    np.testing.assert_array_equal(np.asarray(window_patch_ids(grid, pool)), ref_windows(grid, pool))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# counts
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_prune_count_and_protected_frames_match_reference():
+    for T, W, ratio, pff in itertools.product(range(0, 13), [1, 4, 9, 81],
+                                              [0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+                                              [0, 1, 2, 5, 20]):
+        if T == 0:
+            continue
+        assert protected_frames(T, pff) == ref_protected(T, pff), (T, pff)
+        k = prune_count(T, W, ratio, pff)
+        assert isinstance(k, int) and not isinstance(k, bool), type(k)
+        assert k == ref_prune_count(T, W, ratio, pff), (T, W, ratio, pff, k)
+
+
+def test_prune_count_exact_decimal_math():
+    # float arithmetic gets these wrong in one direction or the other; exact math must not
+    assert prune_count(10, 81, 0.3) == 243
+    assert prune_count(10, 81, 0.3, 1) == 218  # floor(218.7)
+    assert prune_count(10, 10, 0.7) == 70
+    assert prune_count(100, 81, 0.7) == 5670
+    assert prune_count(128, 81, 0.5) == 5184
+    assert prune_count(3, 81, 0.0) == 0
+    assert prune_count(1, 81, 0.5) == 0  # a 1-frame video is never pruned (first frame kept)
+    assert prune_count(4, 81, 0.8) == 243  # cap W*(T-1) binds: floor(259.2) > 243
+    assert prune_count(3, 9, 0.5, 5) == 0  # T < prune_from_frame -> 0, not negative
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_prune_count_rejects_bad_ratio(ratio):
+    with pytest.raises(ValueError):
+        prune_count(8, 81, ratio)
+
+
+@pytest.mark.parametrize("groups,W,ratio,pff", [
+    ((("video", 10),), 81, 0.3, 0),
+    ((("video", 10),), 81, 0.3, 1),
+    ((("video", 4),), 81, 0.8, 0),
+    ((("video", 1), ("image", 1), ("video", 7)), 81, 0.5, 0),
+    ((("video", 2), ("video", 9), ("image", 1), ("image", 1)), 16, 0.8, 2),
+    ((("video", 5), ("video", 3)), 9, 0.99, 0),
+    ((("image", 1), ("video", 6)), 4, 0.7, 3),
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_exact_counts(groups, W, ratio, pff, ties):
+    rng = np.random.default_rng(17)
+    layout = make_layout(groups)
+    scores = random_scores(rng, layout.num_frames, W, ties)
+    keep = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=ratio, prune_from_frame=pff))
+    assert keep.shape == scores.shape and keep.dtype == np.bool_
+    for kind, start, T in ref_groups(groups):
+        block = keep[start:start + T]
+        if kind == "image":
+            assert block.all()
+            continue
+        K = ref_prune_count(T, W, ratio, pff)
+        assert int(block.sum()) == W * T - K, (kind, start, T, K)
+        assert block[0].all(), "first frame must keep all windows"
+        assert block[:ref_protected(T, pff)].all(), "protected frames must keep all windows"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection vs reference
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("pff", PFFS)
+def test_select_matches_reference(groups, ratio, pff):
+    layout = make_layout(groups)
+    F = layout.num_frames
+    variants = [(9, False), (9, True)] + ([(4, True)] if pff == 0 else [])  # W=4: a second window count
+    for seed, (W, ties) in enumerate(variants):
+        rng = np.random.default_rng(1000 * seed + F)
+        scores = random_scores(rng, F, W, ties)
+        got = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=ratio, prune_from_frame=pff))
+        want = ref_select(scores, groups, ratio, pff)
+        np.testing.assert_array_equal(got, want, err_msg=f"W={W} ties={ties}\nscores=\n{scores}")
+
+
+def test_select_ties_all_equal():
+    # every score equal: drop order is purely flat index order inside the video (frame-major, window-minor)
+    groups = (("video", 2), ("video", 4))
+    layout = make_layout(groups)
+    scores = np.full((6, 9), 0.5, np.float32)
+    got = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=0.5, prune_from_frame=0))
+    want = ref_select(scores, groups, 0.5, 0)
+    np.testing.assert_array_equal(got, want)
+    # video 2 (T=4): K = floor(9*0.5*4) = 18 -> frames 1 and 2 dropped entirely, frame 3 intact
+    assert not got[3].any() and not got[4].any() and got[5].all() and got[2].all()
+
+
+def test_select_ignores_low_scores_on_protected_frames():
+    groups = (("video", 4),)
+    layout = make_layout(groups)
+    scores = np.full((4, 9), 0.9, np.float32)
+    scores[0] = scores[1] = 0.01  # the lowest scores sit on frames 0 and 1
+    for pff in (0, 1, 2):
+        got = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=0.5, prune_from_frame=pff))
+        np.testing.assert_array_equal(got, ref_select(scores, groups, 0.5, pff))
+        assert got[:max(1, pff)].all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rescale + key bias vs reference
+# ----------------------------------------------------------------------------------------------------------------
+
+RESCALE_CASES = [(g, r, p, GRIDS[i % 3], SCOPES[(i // 3) % 2], bool(i % 2))
+                 for i, (g, r, p) in enumerate(cases(LAYOUTS, RATIOS, PFFS))]
+
+
+@pytest.mark.parametrize("groups,ratio,pff,gp,scope,ties", RESCALE_CASES)
+def test_rescale_and_key_bias_match_reference(groups, ratio, pff, gp, scope, ties):
+    grid, pool = gp
+    layout = make_layout(groups)
+    W = math.ceil(grid / pool) ** 2
+    rng = np.random.default_rng(len(RESCALE_CASES) + grid + 7 * layout.num_frames)
+    scores = random_scores(rng, layout.num_frames, W, ties)
+    got = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=grid, pool=pool, ratio=ratio,
+                                    prune_from_frame=pff, scope=scope))
+    want = ref_rescale(scores, groups, grid, pool, ratio, pff, scope)
+    assert got.shape == (layout.num_frames, grid * grid)
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    bias = np.asarray(key_bias(jnp.asarray(got)))
+    np.testing.assert_allclose(bias, np.log(want), rtol=0, atol=ATOL / FLOOR)
+    assert (bias <= 0).all()
+    # exactly 0 where s~ = 1 by rule (protected frames, images, K = 0 videos)
+    np.testing.assert_array_equal(bias[want == 1.0], 0.0)
+    np.testing.assert_array_equal(got[want == 1.0], 1.0)
+
+
+@pytest.mark.parametrize("gp", GRIDS + [(27, 3), (5, 2)])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_rescale_floor_and_unit_rules(gp, scope):
+    grid, pool = gp
+    W = math.ceil(grid / pool) ** 2
+    groups = (("video", 3), ("image", 1), ("video", 1), ("video", 4))
+    layout = make_layout(groups)
+    rng = np.random.default_rng(grid * 10 + pool)
+    scores = random_scores(rng, layout.num_frames, W)
+    scores[8] = 0.4  # a constant prunable frame maps to the floor everywhere
+    s = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=grid, pool=pool, ratio=0.5,
+                                  prune_from_frame=0, scope=scope))
+    np.testing.assert_allclose(s, ref_rescale(scores, groups, grid, pool, 0.5, 0, scope), rtol=0, atol=ATOL)
+    bias = np.asarray(key_bias(jnp.asarray(s)))
+    unit = [0, 3, 4, 5]  # first frames of videos, the image, the 1-frame video (K = 0)
+    np.testing.assert_array_equal(bias[unit], 0.0)
+    assert (bias <= 0).all()
+    np.testing.assert_allclose(s[8], FLOOR, rtol=0, atol=1e-6)
+    for f in (1, 2, 6, 7):  # prunable, non-constant frames
+        if scope == "frame":
+            assert abs(s[f].min() - FLOOR) < 1e-6, (f, s[f].min())
+            assert s[f].max() <= 1.0 and s[f].max() > 1 - 1e-4
+        else:
+            rows = s[f].reshape(grid, grid)
+            assert np.all(np.abs(rows.min(axis=1) - FLOOR) < 1e-6)
+
+
+def test_rescale_custom_floor_and_ratio_zero():
+    groups = (("video", 3), ("video", 2))
+    layout = make_layout(groups)
+    rng = np.random.default_rng(5)
+    scores = random_scores(rng, 5, 9)
+    s = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=9, pool=3, ratio=0.5, floor=0.25))
+    np.testing.assert_allclose(s, ref_rescale(scores, groups, 9, 3, 0.5, 0, "frame", floor=0.25), atol=ATOL)
+    s0 = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=9, pool=3, ratio=0.0))
+    np.testing.assert_array_equal(s0, 1.0)  # ratio 0 is exactly the unpruned model
+    np.testing.assert_array_equal(np.asarray(key_bias(jnp.asarray(s0))), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pairing
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("pairing", ["per-video", "flat"])
+def test_pair_with_previous_matches_reference(groups, pairing):
+    layout = make_layout(groups)
+    rng = np.random.default_rng(layout.num_frames)
+    z = rng.normal(size=(layout.num_frames, 9, 5)).astype(np.float32)
+    got = np.asarray(pair_with_previous(jnp.asarray(z), layout, pairing=pairing))
+    assert got.shape == (layout.num_frames, 9, 10)
+    np.testing.assert_array_equal(got, ref_pair(z, groups, pairing).astype(np.float32))
+
+
+def test_pair_with_previous_default_is_per_video():
+    groups = (("video", 2), ("video", 3))
+    layout = make_layout(groups)
+    z = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3) + 1
+    got = np.asarray(pair_with_previous(jnp.asarray(z), layout))
+    np.testing.assert_array_equal(got, ref_pair(z, groups, "per-video"))
+    assert (got[2, :, :3] == 0).all()  # first frame of the second video is paired with zeros
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# temporal auxiliary loss
+# ----------------------------------------------------------------------------------------------------------------
+
+LOSS_CASES = [(g, pairing, r, p, GRIDS[i % 3])
+              for i, (g, pairing, (r, p)) in enumerate(cases(LAYOUTS, ["per-video", "flat"],
+                                                              [(0.0, 0), (0.3, 0), (0.5, 2), (0.8, 2)]))]
+
+
+@pytest.mark.parametrize("groups,pairing,ratio,pff,gp", LOSS_CASES)
+def test_temporal_loss_matches_reference(groups, pairing, ratio, pff, gp):
+    grid, pool = gp
+    layout = make_layout(groups)
+    F, W, D = layout.num_frames, math.ceil(grid / pool) ** 2, 4
+    rng = np.random.default_rng(31 * F + grid)
+    scores = random_scores(rng, F, W)
+    hidden = rng.normal(size=(F, grid * grid, D)).astype(np.float32)
+    # correlate neighbouring frames a little so cosines are spread out, and zero one whole window (norm clamp)
+    hidden[1:] = (0.7 * hidden[:-1] + 0.3 * hidden[1:]).astype(np.float32)
+    ids = ref_windows(grid, pool)[4]
+    hidden[-1, ids[ids >= 0]] = 0.0
+    got = float(temporal_loss(jnp.asarray(scores), jnp.asarray(hidden), layout, grid=grid, pool=pool,
+                              ratio=ratio, prune_from_frame=pff, pairing=pairing))
+    want = ref_temporal_loss(scores, hidden, groups, grid, pool, ratio, pff, pairing)
+    if want == 0.0:
+        assert got == 0.0
+    else:
+        np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=0)
+
+
+def test_temporal_loss_padding_slots_count_as_zeros():
+    # grid 7 / pool 3: corner windows have 4 real patches; the cosine is over the 9*D vector with zero padding,
+    # which equals the cosine over the real patches only. Make frames identical -> c = 1 -> loss = mean(s^2).
+    groups = (("video", 3),)
+    layout = make_layout(groups)
+    rng = np.random.default_rng(3)
+    h0 = rng.normal(size=(1, 49, 3)).astype(np.float32)
+    hidden = np.concatenate([h0, h0, -h0])  # frame 2 = -frame 1 -> c = -1 -> target 2
+    scores = random_scores(rng, 3, 9)
+    got = float(temporal_loss(jnp.asarray(scores), jnp.asarray(hidden), layout, grid=7, pool=3, ratio=0.5))
+    s = scores.astype(np.float64)
+    want = (np.sum(s[1] ** 2) + np.sum((s[2] - 2.0) ** 2)) / 18
+    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(got, ref_temporal_loss(scores, hidden, groups, 7, 3, 0.5, 0, "per-video"),
+                               rtol=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("groups,ratio", [((("video", 1), ("image", 1), ("video", 1)), 0.5),
+                                          ((("video", 3), ("video", 2)), 0.0),
+                                          ((("image", 1), ("image", 1)), 0.8)])
+@pytest.mark.parametrize("pairing", ["per-video", "flat"])
+def test_temporal_loss_no_pairs_is_zero(groups, ratio, pairing):
+    layout = make_layout(groups)
+    F = layout.num_frames
+    rng = np.random.default_rng(F)
+    scores = random_scores(rng, F, 9)
+    hidden = rng.normal(size=(F, 81, 2)).astype(np.float32)
+    got = temporal_loss(jnp.asarray(scores), jnp.asarray(hidden), layout, grid=9, pool=3, ratio=ratio,
+                        pairing=pairing)
+    assert ref_temporal_loss(scores, hidden, groups, 9, 3, ratio, 0, pairing) == 0.0
+    assert float(got) == 0.0 and np.isfinite(float(got))
+
+
+def _grad_setup():
+    groups = (("video", 3), ("image", 1), ("video", 4))
+    layout = make_layout(groups)
+    rng = np.random.default_rng(11)
+    scores = random_scores(rng, 8, 9)
+    hidden = rng.normal(size=(8, 64, 3)).astype(np.float32)
+    return groups, layout, scores, hidden
+
+
+@pytest.mark.parametrize("pairing", ["per-video", "flat"])
+def test_temporal_loss_gradients(pairing):
+    groups, layout, scores, hidden = _grad_setup()
+    kw = dict(grid=8, pool=3, ratio=0.5, prune_from_frame=0, pairing=pairing)
+
+    def loss(s, h, target_grad):
+        return temporal_loss(s, h, layout, target_grad=target_grad, **kw)
+
+    s, h = jnp.asarray(scores), jnp.asarray(hidden)
+    v_stop, v_pass = float(loss(s, h, "stop")), float(loss(s, h, "pass"))
+    want, resid, n = ref_temporal_loss(scores, hidden, groups, 8, 3, 0.5, 0, pairing, return_parts=True)
+    np.testing.assert_allclose([v_stop, v_pass], [want, want], rtol=LOSS_RTOL)  # target_grad: value unchanged
+
+    gh_stop = np.asarray(jax.grad(loss, argnums=1)(s, h, "stop"))
+    gh_pass = np.asarray(jax.grad(loss, argnums=1)(s, h, "pass"))
+    assert np.all(gh_stop == 0.0), "target_grad='stop' must pass no gradient to hidden"
+    assert np.abs(gh_pass).max() > 1e-4, "target_grad='pass' must pass gradient to hidden"
+    assert np.all(np.isfinite(gh_pass))
+
+    # d/ds[f, w] = 2 * (s - (1 - c)) / n on paired frames, 0 elsewhere; identical for both target_grad modes
+    want_gs = np.zeros_like(scores, dtype=np.float64)
+    for (f, w), r in resid.items():
+        want_gs[f, w] = 2 * r / n
+    for mode in ("stop", "pass"):
+        gs = np.asarray(jax.grad(loss, argnums=0)(s, h, mode))
+        np.testing.assert_allclose(gs, want_gs, rtol=1e-4, atol=1e-6)
