@@ -2,13 +2,13 @@
 Qwen3-4B text model (36 layers, 32 query / 8 KV heads x 128, SwiGLU 9728, vocabulary 151,936 + 128).
 
 The importer builds its config from a checkpoint's config.json; this file states the same shapes for
-runs that start from scratch or estimate memory. Forward pass of random weights (needs ~20 GB of RAM):
-  python launch/forward_demo.py --config=configs/molmo2_4b.py --config.model.dtype=bfloat16
+runs that start from scratch or estimate memory. FLOPs of pruned vs unpruned (no weights are allocated):
+  python launch/benchmark.py --config=configs/molmo2_4b.py --frames=128 --ratios=0,0.5 --flops_only
 """
 
 import ml_collections
 
-from stts_jax.config import adapter_config, llm_config, model_config, vit_config
+from stts_jax.config import adapter_config, llm_config, model_config, stts_config, vit_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -20,7 +20,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         adapter=adapter_config(feature_layers=(24, 18), num_heads=16, head_dim=72, mlp_dim=9728, pool_size=3),
         llm=llm_config(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                        mlp_dim=9728, vocab_size=151936, additional_vocab_size=128, rope_theta=1_000_000.0),
+        stts=stts_config(prune_ratio=0.5, prune_at=3, execution="packed"),  # the paper's STTS settings
     )
+    cfg.question_len = 32
     cfg.seed = 0
     cfg.frames = 8
     return cfg

@@ -111,6 +111,7 @@ def stts_config(**overrides) -> ml_collections.ConfigDict:
             pairing="per-video",  # per-video | flat (compat)
             aux_target_grad="stop",  # stop | pass (compat)
             execution="masked",  # masked | packed
+            pack_slack=0.05,  # packed: row budget = ceil((1 + slack) * kept windows / W); overflow -> masked
             refill=False,
             score_bias=True,  # the soft bias that carries LM gradients to the scorer (off only for ablations)
         )
@@ -240,6 +241,5 @@ def validate_stts_config(cfg: ml_collections.ConfigDict) -> None:
     _require(st.aux_target_grad in ("stop", "pass"), "stts.aux_target_grad",
              f"must be 'stop' or 'pass', got {st.aux_target_grad!r}")
     _require(st.execution in ("masked", "packed"), "stts.execution", f"must be 'masked' or 'packed', got {st.execution!r}")
-    _require(st.execution == "masked", "stts.execution",
-             "'packed' execution is not implemented yet (issue 4); use 'masked'")
-    _require(not st.refill, "stts.refill", "refill needs packed execution, which is not implemented yet")
+    _require(0.0 <= st.pack_slack <= 1.0, "stts.pack_slack", f"must be in [0, 1], got {st.pack_slack}")
+    _require(not st.refill, "stts.refill", "refill (ViT context for lonely frames) is not implemented; use False")

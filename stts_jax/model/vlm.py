@@ -81,6 +81,7 @@ class Molmo2VLM(nnx.Module):
         self.scorer = TemporalTokenScorer(cfg, **kw) if cfg.stts.method == "scorer" else None
         self.feature_layers = tuple(cfg.adapter.feature_layers)
         self.vision_layout_ids = tuple(int(cfg.tokens[name]) for name in VISION_LAYOUT_TOKENS)
+        self.pack_fallback = True  # see later_blocks; set False only to read the packed path's cost
 
     def vit_hidden_states(self, pixel_values: jax.Array) -> list[jax.Array]:
         """Returns the outputs [F, N, D] of ViT blocks 0..max(feature_layers) (no pruning)."""
@@ -100,29 +101,35 @@ class Molmo2VLM(nnx.Module):
     def encode_video(self, pixel_values: jax.Array, pooling_idx: jax.Array, layout: FrameLayout | None = None,
                      rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Returns (pooled vision tokens [T_kept, H_llm], aux) for patches [F, N, P*P*3] and windows [F*W, S]."""
+        features, rows, aux = self.vision_features(pixel_values, layout, rng)
+        if rows is not None:
+            w = tokens_per_frame(self.cfg)
+            if pooling_idx.shape[0] != pixel_values.shape[0] * w:
+                raise ValueError(f"with STTS, pooling_idx must list every window of every frame: "
+                                 f"{pixel_values.shape[0] * w} rows, got {pooling_idx.shape[0]}")
+            pooling_idx = pooling_idx[rows]
+        return self.adapter(features, pooling_idx), aux
+
+    def vision_features(self, pixel_values: jax.Array, layout: FrameLayout | None = None,
+                        rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None, dict]:
+        """Returns (adapter input [F*N, C] with zeros at pruned patches, kept window rows [T_kept] or None, aux)."""
         if not self.pruning_active(layout):
             hidden = self.vit_hidden_states(pixel_values)
             features = jnp.concatenate([hidden[layer] for layer in self.feature_layers], axis=-1)
-            tokens = self.adapter(features.reshape(-1, features.shape[-1]), pooling_idx)
-            return tokens, dict(temporal_loss=jnp.zeros((), jnp.float32))
+            return features.reshape(-1, features.shape[-1]), None, dict(temporal_loss=jnp.zeros((), jnp.float32))
         st, cfg = self.cfg.stts, self.cfg
         grid, pool, w = cfg.vit.image_size // cfg.vit.patch_size, cfg.adapter.pool_size, tokens_per_frame(cfg)
         f = pixel_values.shape[0]
-        if f != layout.num_frames or pooling_idx.shape[0] != f * w:
-            raise ValueError(f"pixel_values has {f} frames and pooling_idx {pooling_idx.shape[0]} rows; the layout "
-                             f"needs {layout.num_frames} frames and {layout.num_frames * w} rows (every window)")
+        if f != layout.num_frames:
+            raise ValueError(f"pixel_values has {f} frames; the layout describes {layout.num_frames}")
         x = self.vit.embed(pixel_values)
-        hidden, key_bias, key_mask = [], None, None
+        hidden, key_bias = {}, None
         temporal = jnp.zeros((), jnp.float32)
         num_blocks = max(max(self.feature_layers), st.prune_at + 1) + 1
-        for i, block in enumerate(self.vit.blocks[:num_blocks]):
-            if i == st.prune_at + 1:
-                x = block(x, key_bias=key_bias)  # all tokens; keys down-weighted by log(s~)
-            elif i > st.prune_at + 1:
-                x = block(x, mask=key_mask)  # masked execution: kept tokens see kept tokens of their frame
-            else:
-                x = block(x)
-            hidden.append(x)
+        for i, block in enumerate(self.vit.blocks[: st.prune_at + 2]):
+            # block prune_at+1 runs on every token, keys down-weighted by log(s~)
+            x = block(x, key_bias=key_bias) if i == st.prune_at + 1 else block(x)
+            hidden[i] = x
             if i != st.prune_at:
                 continue
             if st.method == "scorer":
@@ -133,7 +140,6 @@ class Molmo2VLM(nnx.Module):
                 scores = jax.random.uniform(rng, (f, w))
             keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio, prune_from_frame=st.prune_from_frame)
             keep_patch = pruning.windows_to_patches(keep, grid, pool)  # [F, N]
-            key_mask = keep_patch[:, None, :]
             if st.method == "scorer":
                 if st.score_bias:
                     key_bias = pruning.key_bias(pruning.rescale_scores(
@@ -142,12 +148,55 @@ class Molmo2VLM(nnx.Module):
                 temporal = pruning.temporal_loss(
                     scores, x, layout, grid=grid, pool=pool, ratio=st.prune_ratio,
                     prune_from_frame=st.prune_from_frame, pairing=st.pairing, target_grad=st.aux_target_grad)
+        num_kept = pruning.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
+        later = list(range(st.prune_at + 2, num_blocks))
+        wanted = [layer for layer in later if layer in self.feature_layers]
+        outs = self.later_blocks(x, keep, later, wanted, st.execution, pruning.pack_rows(num_kept, w, st.pack_slack),
+                                 fallback=self.pack_fallback)
+        hidden.update(zip(wanted, outs))
         features = jnp.concatenate([hidden[layer] for layer in self.feature_layers], axis=-1)
         features = features * keep_patch[..., None].astype(features.dtype)  # zeros at pruned positions
-        num_kept = pruning.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
         rows = pruning.kept_window_rows(keep, num_kept)
-        tokens = self.adapter(features.reshape(-1, features.shape[-1]), pooling_idx[rows])
-        return tokens, dict(temporal_loss=temporal, keep=keep, scores=scores)
+        return features.reshape(-1, features.shape[-1]), rows, dict(temporal_loss=temporal, keep=keep, scores=scores)
+
+    def later_blocks(self, x: jax.Array, keep: jax.Array, later: list[int], wanted: list[int], execution: str,
+                     num_rows: int, fallback: bool = True) -> list[jax.Array]:
+        """Returns the outputs [F, N, D] of ViT blocks `wanted` (subset of `later`) after pruning by keep [F, W].
+
+        `masked`: key mask on the full [F, N] layout. `packed`: the same on `num_rows` rows of packed kept
+        tokens (see pruning.py), scattered back only where the adapter reads; a keep pattern that does not
+        fit takes the masked branch (lax.cond), so both are exact on every kept token. `fallback=False` drops
+        that branch: only for reading the packed path's cost (XLA's cost analysis of a cond is the max of its
+        branches); an overflowing pattern would then lose tokens.
+        """
+        if not later:
+            return []
+        grid, pool = self.cfg.vit.image_size // self.cfg.vit.patch_size, self.cfg.adapter.pool_size
+        keep_patch = pruning.windows_to_patches(keep, grid, pool)  # [F, N]
+
+        def masked(x):
+            out = {}
+            for i in later:
+                x = self.vit.blocks[i](x, mask=keep_patch[:, None, :])
+                out[i] = x
+            return [out[layer] for layer in wanted]
+
+        if execution == "masked":
+            return masked(x)
+        plan = pruning.plan_packing(keep, num_rows)
+
+        def packed(x):
+            rows, row_mask = pruning.pack_tokens(x, plan, grid, pool)
+            out = {}
+            for i in later:
+                rows = self.vit.blocks[i](rows, mask=row_mask)
+                if i in wanted:
+                    out[i] = pruning.unpack_tokens(rows, plan, x.shape[0], grid, pool)
+            return [out[layer] for layer in wanted]
+
+        if not fallback:
+            return packed(x)
+        return jax.lax.cond(plan.overflow, masked, packed, x)
 
     def forward(self, batch: dict, layout: FrameLayout | None = None, rng: jax.Array | None = None):
         """Returns (logits [B, L, vocab_size], aux) where aux holds `temporal_loss` (and keep/scores if pruning)."""

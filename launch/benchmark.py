@@ -1,0 +1,291 @@
+"""Pruned vs unpruned, side by side in one process: XLA FLOPs / bytes / memory, and wall-clock.
+
+  python launch/benchmark.py --config=configs/bench_cpu.py --frames=16,32,64 --csv=bench.csv --png=bench.png
+  python launch/benchmark.py --config=configs/molmo2_4b.py --frames=128 --ratios=0,0.5 --flops_only
+
+For every frame count (one video of T frames + a question) and prune ratio it lowers and compiles the
+unpruned model (STTS off) and the pruned one (scorer, the config's execution mode) and reports, as
+pruned/unpruned ratios:
+  * FLOPs and bytes of the jitted forward (split ViT incl. scorer+selection+packing / adapter / LLM) and of
+    the training step (value_and_grad of LM + aux loss), from XLA's cost analysis. The packed forward is
+    lowered without its overflow fallback, because XLA's cost of a lax.cond is the max of its branches;
+    `cond` columns show the cost with the fallback compiled in;
+  * peak memory (temp + arguments + outputs) from the compiled memory analysis;
+  * median wall-clock over --repeats runs after warm-up (block_until_ready), prefill and train step,
+    with the real (fallback-guarded) program;
+  * "meas/pred": measured speedup / FLOP-predicted speedup; "pack%": selection + packing time as a share of
+    the pruned ViT time.
+No weights are allocated with --flops_only (abstract parameters), so Molmo2-4B shapes lower on a laptop.
+"""
+
+import csv
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from stts_jax.config import grid_size, tokens_per_frame, validate_model_config  # noqa: E402
+from stts_jax.model import pruning  # noqa: E402
+from stts_jax.model.adapter import video_pooling_indices  # noqa: E402
+from stts_jax.model.vlm import Molmo2VLM, attention_mask, total_loss  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Benchmark config file.")
+_FRAMES = flags.DEFINE_list("frames", ["16", "32", "64", "128"], "Frames per video.")
+_RATIOS = flags.DEFINE_list("ratios", ["0", "0.3", "0.5", "0.8"], "Prune ratios.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs after compilation.")
+_FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Only lower/compile: FLOPs, bytes, memory (no weights).")
+_TRAIN = flags.DEFINE_bool("train", True, "Also measure the training step.")
+_CSV = flags.DEFINE_string("csv", None, "Write the table as CSV here.")
+_PNG = flags.DEFINE_string("png", None, "Write a plot (speedup vs frames, one line per ratio) here.")
+
+
+def make_batch(cfg, frames: int, ratio: float, question_len: int, seed: int = 0) -> dict:
+    """Returns a host batch: one video of `frames` frames (W*T - K placeholders) and a question."""
+    rng = np.random.default_rng(seed)
+    t, w = cfg.tokens, tokens_per_frame(cfg)
+    counts = pruning.placeholder_counts(frames, w, ratio) if cfg.stts.method != "none" else [w] * frames
+    text = lambda n: [int(x) for x in rng.integers(0, min(cfg.llm.vocab_size, 1000), size=n)]
+    ids = text(1)
+    for c in counts:
+        ids += text(2) + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
+    ids += text(question_len)
+    length = len(ids)
+    grid = grid_size(cfg)
+    loss_mask = np.zeros((1, length), np.int32)
+    loss_mask[0, length - question_len - 1: length - 1] = 1
+    return dict(
+        input_ids=np.array([ids], np.int32), segment_ids=np.ones((1, length), np.int32),
+        positions=np.arange(length, dtype=np.int32)[None],
+        pixel_values=rng.uniform(-1, 1, size=(frames, grid * grid, cfg.vit.patch_size ** 2 * 3)).astype(np.float32),
+        pooling_idx=video_pooling_indices(frames, grid, cfg.adapter.pool_size).astype(np.int32),
+        targets=np.roll(np.array([ids], np.int32), -1, axis=1), loss_mask=loss_mask)
+
+
+def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+class Subject:
+    """One model variant with its jitted pieces: forward, train step, ViT, adapter, LLM."""
+
+    def __init__(self, cfg, layout, flops_only: bool, seed: int):
+        validate_model_config(cfg)
+        self.cfg, self.layout = cfg, layout
+        make = lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(seed))
+        model = nnx.eval_shape(make) if flops_only else make()
+        self.graphdef, self.state = nnx.split(model)
+        self.pruned = cfg.stts.method != "none"
+
+    def model(self, state, fallback=True):
+        m = nnx.merge(self.graphdef, state)
+        m.pack_fallback = fallback
+        return m
+
+    def fns(self, fallback: bool):
+        layout = self.layout
+        fwd = lambda state, batch: self.model(state, fallback)(batch, layout)
+
+        def train(state, batch):
+            return jax.value_and_grad(lambda st: total_loss(self.model(st, fallback), batch, layout)[0])(state)
+
+        def vit(state, pixels):
+            features, rows, _ = self.model(state, fallback).vision_features(pixels, layout)
+            return features, rows
+
+        adapter = lambda state, features, pool: self.model(state).adapter(features, pool)
+
+        def llm(state, embeddings, batch):
+            ids = batch["input_ids"]
+            m = self.model(state)
+            vision = jnp.isin(ids, jnp.asarray(m.vision_layout_ids, jnp.int32))
+            return m.llm(embeddings, batch["positions"], attention_mask(batch["segment_ids"], vision))
+
+        return dict(fwd=fwd, train=train, vit=vit, adapter=adapter, llm=llm)
+
+
+def cost(fn, *args) -> dict:
+    """Returns FLOPs, bytes accessed and peak memory of fn compiled for args (abstract is fine)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    analysis = compiled.cost_analysis() or {}
+    mem = compiled.memory_analysis()
+    peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    return dict(flops=float(analysis.get("flops", 0.0)), bytes=float(analysis.get("bytes accessed", 0.0)), mem=peak)
+
+
+def measure_costs(subject: Subject, batch: dict) -> dict:
+    """Returns the cost analysis of the forward, its pieces and the train step."""
+    state = abstract(subject.state)
+    b = abstract(batch)
+    fns = subject.fns(fallback=not subject.pruned)  # packed path alone (see module docstring)
+    out = {f"fwd_{k}": v for k, v in cost(fns["fwd"], state, b).items()}
+    out["fwd_cond_flops"] = cost(subject.fns(fallback=True)["fwd"], state, b)["flops"] if subject.pruned else out["fwd_flops"]
+    features, rows = jax.eval_shape(fns["vit"], state, b["pixel_values"])
+    out["vit_flops"] = cost(fns["vit"], state, b["pixel_values"])["flops"]
+    pool_rows = rows.shape[0] if rows is not None else b["pooling_idx"].shape[0]
+    pool = jax.ShapeDtypeStruct((pool_rows, b["pooling_idx"].shape[1]), jnp.int32)
+    out["adapter_flops"] = cost(fns["adapter"], state, features, pool)["flops"]
+    length = b["input_ids"].shape[1]
+    emb = jax.ShapeDtypeStruct((1, length, subject.cfg.llm.hidden_size), jnp.float32)
+    out["llm_flops"] = cost(fns["llm"], state, emb, b)["flops"]
+    if _TRAIN.value:
+        out.update({f"train_{k}": v for k, v in cost(fns["train"], state, b).items()})
+    return out
+
+
+def median_time(fn, *args) -> float:
+    """Returns the median wall-clock seconds of fn(*args) after warm-up."""
+    for _ in range(_WARMUP.value):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_times(subject: Subject, batch: dict) -> dict:
+    fns = subject.fns(fallback=True)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    out = dict(fwd_s=median_time(jax.jit(fns["fwd"]), subject.state, batch))
+    vit = jax.jit(fns["vit"])
+    out["vit_s"] = median_time(vit, subject.state, batch["pixel_values"])
+    if _TRAIN.value:
+        out["train_s"] = median_time(jax.jit(fns["train"]), subject.state, batch)
+    if subject.pruned:
+        out["pack_s"] = median_time(jax.jit(selection_and_packing(subject)), batch["pixel_values"])
+    return out
+
+
+def selection_and_packing(subject: Subject):
+    """Returns a function timing what pruning adds around the blocks: top-k, plan, pack, unpack x2."""
+    cfg, layout = subject.cfg, subject.layout
+    grid, pool, w = grid_size(cfg), cfg.adapter.pool_size, tokens_per_frame(cfg)
+    st = cfg.stts
+    rows = pruning.pack_rows(pruning.kept_tokens(layout, w, st.prune_ratio), w, st.pack_slack)
+
+    def run(pixels):
+        f = pixels.shape[0]
+        x = jnp.broadcast_to(pixels[..., :1], (f, grid * grid, cfg.vit.hidden_size))
+        scores = jnp.mean(pixels, axis=-1)[:, :w]
+        keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio)
+        plan = pruning.plan_packing(keep, rows)
+        packed, mask = pruning.pack_tokens(x, plan, grid, pool)
+        outs = [pruning.unpack_tokens(packed + i, plan, f, grid, pool) for i in range(len(cfg.adapter.feature_layers))]
+        return outs, mask.sum()
+
+    return run
+
+
+def fmt_ratio(a, b):
+    return f"{a / b:.3f}" if b else "-"
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    cfg = _CONFIG.value
+    base = cfg.model
+    print(f"# device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); config {_CONFIG.value.get('model').vit.hidden_size}-wide ViT, "
+          f"{base.vit.num_layers} blocks, {grid_size(base)}x{grid_size(base)} patches, {tokens_per_frame(base)} windows/frame; "
+          f"execution={base.stts.execution}, prune_at={base.stts.prune_at}")
+    rows = []
+    for frames in map(int, _FRAMES.value):
+        layout = pruning.FrameLayout.videos(frames)
+        unpruned_cfg = base.copy_and_resolve_references()
+        unpruned_cfg.stts.method = "none"
+        unpruned = Subject(unpruned_cfg, layout, _FLOPS_ONLY.value, cfg.seed)
+        ubatch = make_batch(unpruned_cfg, frames, 0.0, cfg.question_len)
+        ucost = measure_costs(unpruned, ubatch)
+        utime = {} if _FLOPS_ONLY.value else measure_times(unpruned, ubatch)
+        for ratio in map(float, _RATIOS.value):
+            pcfg = base.copy_and_resolve_references()
+            pcfg.stts.method = "scorer"
+            pcfg.stts.prune_ratio = ratio
+            pruned = Subject(pcfg, layout, _FLOPS_ONLY.value, cfg.seed)
+            pbatch = make_batch(pcfg, frames, ratio, cfg.question_len)
+            pcost = measure_costs(pruned, pbatch)
+            row = dict(frames=frames, ratio=ratio, seq_len=pbatch["input_ids"].shape[1],
+                       **{f"unpruned_{k}": v for k, v in ucost.items()}, **{f"pruned_{k}": v for k, v in pcost.items()})
+            if not _FLOPS_ONLY.value:
+                ptime = measure_times(pruned, pbatch)
+                row.update({f"unpruned_{k}": v for k, v in utime.items()})
+                row.update({f"pruned_{k}": v for k, v in ptime.items()})
+            rows.append(row)
+            print_row(row, header=len(rows) == 1)
+    if _CSV.value:
+        with open(_CSV.value, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"# wrote {_CSV.value}")
+    if _PNG.value and not _FLOPS_ONLY.value:
+        plot(rows, _PNG.value)
+
+
+COLUMNS = ["frames", "ratio", "fwd FLOPs", "(cond)", "ViT", "adapter", "LLM", "train FLOPs", "bytes", "mem",
+           "fwd speedup", "meas/pred", "train speedup", "meas/pred", "pack%"]
+
+
+def print_row(r: dict, header: bool) -> None:
+    """Prints one table row of pruned/unpruned ratios (speedups = unpruned time / pruned time)."""
+    if header:
+        print("  ".join(f"{c:>11}" for c in COLUMNS))
+    u = lambda k: r.get(f"unpruned_{k}")
+    p = lambda k: r.get(f"pruned_{k}")
+    cells = [str(r["frames"]), f"{r['ratio']:.1f}", fmt_ratio(p("fwd_flops"), u("fwd_flops")),
+             fmt_ratio(p("fwd_cond_flops"), u("fwd_flops")), fmt_ratio(p("vit_flops"), u("vit_flops")),
+             fmt_ratio(p("adapter_flops"), u("adapter_flops")), fmt_ratio(p("llm_flops"), u("llm_flops")),
+             fmt_ratio(p("train_flops") or 0, u("train_flops") or 0), fmt_ratio(p("fwd_bytes"), u("fwd_bytes")),
+             fmt_ratio(p("fwd_mem"), u("fwd_mem"))]
+    for kind in ("fwd", "train"):
+        if u(f"{kind}_s") and p(f"{kind}_s"):
+            speedup = u(f"{kind}_s") / p(f"{kind}_s")
+            predicted = u(f"{kind}_flops") / p(f"{kind}_flops")
+            cells += [f"{speedup:.2f}x", f"{speedup / predicted:.2f}"]
+        else:
+            cells += ["-", "-"]
+    cells.append(f"{100 * p('pack_s') / p('vit_s'):.1f}" if p("pack_s") else "-")
+    print("  ".join(f"{c:>11}" for c in cells), flush=True)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: pip install -e '.[bench]' for --png")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ratio in sorted({r["ratio"] for r in rows}):
+        sel = [r for r in rows if r["ratio"] == ratio]
+        frames = [r["frames"] for r in sel]
+        line, = ax.plot(frames, [r["unpruned_fwd_s"] / r["pruned_fwd_s"] for r in sel], marker="o",
+                        label=f"ratio {ratio:.1f} measured")
+        ax.plot(frames, [r["unpruned_fwd_flops"] / r["pruned_fwd_flops"] for r in sel], linestyle="--",
+                color=line.get_color(), label=f"ratio {ratio:.1f} FLOP-predicted")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("frames per video")
+    ax.set_ylabel("prefill speedup (unpruned / pruned)")
+    ax.set_title(f"STTS speedup on {jax.devices()[0].platform}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"# wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
