@@ -243,3 +243,32 @@ def validate_stts_config(cfg: ml_collections.ConfigDict) -> None:
     _require(st.execution in ("masked", "packed"), "stts.execution", f"must be 'masked' or 'packed', got {st.execution!r}")
     _require(0.0 <= st.pack_slack <= 1.0, "stts.pack_slack", f"must be in [0, 1], got {st.pack_slack}")
     _require(not st.refill, "stts.refill", "refill (ViT context for lonely frames) is not implemented; use False")
+
+
+def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """Returns a full training config (model, data, mesh, optim, train) with the paper's optimizer defaults."""
+    return ml_collections.ConfigDict(dict(
+        model=model if model is not None else model_config(),
+        data=dict(
+            kind="random",  # random (no data needed) | video (prepared video-QA records, stts_jax.data)
+            path="",
+            num_frames=64,  # frames sampled per video (static)
+            videos_per_batch=8,  # videos per micro-batch, all hosts (static)
+            rows=8,  # sequences per micro-batch, all hosts
+            seq_len=8192,
+            answer_len=4,  # random data only
+            workers=0,
+            shuffle_seed=0,
+            on_bad_video="skip",  # skip (count and report) | fail
+        ),
+        mesh=dict(data=-1, fsdp=1, tensor=1),  # -1 fills with the remaining devices
+        optim=dict(
+            lr_vit=5e-6, lr_adapter=5e-6, lr_llm=1e-5, lr_scorer=1e-4,
+            warmup_steps=200, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+            grad_clip=1.0, freeze=(),
+        ),
+        train=dict(
+            steps=6250, grad_accum=1, log_every=10, ckpt_every=500, keep_ckpts=3, seed=0,
+            init_from="",  # a Molmo2 checkpoint directory (scorer initialised fresh), or "" = from scratch
+        ),
+    ))

@@ -36,8 +36,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         if len(devices) % (fsdp * tensor):
             raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor={fsdp * tensor}")
         data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {data}*{fsdp}*{tensor} != {len(devices)} devices")
+    if data * fsdp * tensor > len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {data}*{fsdp}*{tensor} > {len(devices)} devices")
+    devices = devices[: data * fsdp * tensor]  # an explicit smaller mesh uses the first devices
     return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

@@ -1,0 +1,39 @@
+"""Train (or resume) an STTS model.
+
+  python launch/train.py --config=configs/tiny_train.py --workdir=/tmp/run [--config.train.steps=100]
+
+The config file's docstring holds the command that runs it. Resumes automatically from --workdir.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; a run resumes from here.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    from stts_jax.train.trainer import train
+
+    logging.set_verbosity(logging.INFO)
+    records = train(_CONFIG.value, _WORKDIR.value)
+    if records:
+        last = records[-1]
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}, compilations of the train step: "
+              f"{last['compilations']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

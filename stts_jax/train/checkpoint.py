@@ -1,0 +1,82 @@
+"""Orbax checkpoints (the only file that knows Orbax): state + data-iterator state + config, async, keep-last-K."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The workdir holds a checkpoint written by a config with different shapes; the message names the fields."""
+
+
+SHAPE_FIELDS = ("model.vit", "model.adapter", "model.llm", "model.stts.method", "data.num_frames",
+                "data.videos_per_batch", "data.rows", "data.seq_len", "train.grad_accum")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_json(cfg: ml_collections.ConfigDict) -> dict:
+    """Returns the config as JSON-able nested dicts (tuples as lists)."""
+    return json.loads(cfg.to_json_best_effort())
+
+
+def check_compatible(saved: dict, cfg: ml_collections.ConfigDict) -> None:
+    """Raises IncompatibleCheckpoint naming every shape-deciding field that differs from the saved config."""
+    old, new = _flatten(saved), _flatten(config_json(cfg))
+    differ = sorted(k for k in set(old) | set(new)
+                    if k.startswith(SHAPE_FIELDS) and old.get(k) != new.get(k))
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}" for k in differ[:8])
+        raise IncompatibleCheckpoint(f"the workdir's checkpoint was written by an incompatible config ({details}); "
+                                     f"use a new --workdir or the original config")
+
+
+class Checkpointer:
+    """Saves {state, data, config} every `every` steps (async) and on demand; restores the latest."""
+
+    def __init__(self, directory: str, every: int, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        """Returns the newest saved step, or None."""
+        return self.manager.latest_step()
+
+    def saved_config(self, step: int) -> dict:
+        """Returns the config stored with checkpoint `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def save(self, step: int, state, data_state: dict, cfg: ml_collections.ConfigDict, force: bool = False) -> bool:
+        """Saves if `step` is due (or force); returns whether a save started."""
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config_json(cfg))), force=force)
+
+    def restore(self, step: int, like_state) -> tuple[object, dict]:
+        """Returns (state, data_state) of checkpoint `step`, placed like `like_state` (shapes + shardings)."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        """Blocks until async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

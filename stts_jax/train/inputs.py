@@ -1,0 +1,95 @@
+"""Training input sources: each yields host-local micro-batches (numpy) with static shapes and a
+checkpointable state. `random` needs no data (smoke tests, pod bring-up); `video` reads prepared video-QA
+records through the Grain pipeline of `stts_jax.data`.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from stts_jax.config import tokens_per_frame
+from stts_jax.model import pruning
+
+KINDS = ("random", "video")
+
+
+def placeholder_counts(cfg: ml_collections.ConfigDict, num_frames: int) -> list[int]:
+    """Returns the placeholders per frame a video reserves (W each when STTS is off)."""
+    w = tokens_per_frame(cfg.model)
+    st = cfg.model.stts
+    if st.method == "none":
+        return [w] * num_frames
+    return pruning.placeholder_counts(num_frames, w, st.prune_ratio, st.prune_from_frame)
+
+
+def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
+    """Returns a deterministic random micro-batch (this host's share) for record `index`."""
+    data, model = cfg.data, cfg.model
+    rng = np.random.default_rng([cfg.train.seed, index, jax.process_index()])
+    t = model.tokens
+    rows = data.rows // jax.process_count()
+    videos = data.videos_per_batch // jax.process_count()
+    per_row = videos // rows
+    vocab = min(model.llm.vocab_size, 1000)
+    ids = np.zeros((rows, data.seq_len), np.int32)
+    seg = np.zeros_like(ids)
+    loss_mask = np.zeros_like(ids)
+    for r in range(rows):
+        seq = []
+        for v in range(per_row):
+            start = len(seq)
+            seq.append(int(rng.integers(0, vocab)))
+            for c in placeholder_counts(cfg, data.num_frames):
+                seq += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
+            answer = [int(x) for x in rng.integers(0, vocab, data.answer_len)]
+            seq += answer
+            seg[r, start: len(seq)] = v + 1
+            loss_mask[r, len(seq) - len(answer) - 1: len(seq) - 1] = 1
+        if len(seq) > data.seq_len:
+            raise ValueError(f"data.seq_len={data.seq_len} is too short for {per_row} videos of "
+                             f"{data.num_frames} frames ({len(seq)} tokens)")
+        ids[r, : len(seq)] = seq
+    positions = np.zeros_like(ids)
+    for r in range(rows):
+        for v in range(1, per_row + 1):
+            where = np.nonzero(seg[r] == v)[0]
+            positions[r, where] = np.arange(len(where))
+    grid = model.vit.image_size // model.vit.patch_size
+    frames = videos * data.num_frames
+    base = rng.uniform(-1, 1, size=(videos, 1, grid * grid, model.vit.patch_size ** 2 * 3))
+    pixels = np.clip(base + 0.2 * rng.normal(size=(videos, data.num_frames, *base.shape[2:])), -1, 1)
+    return dict(input_ids=ids, segment_ids=seg, positions=positions, targets=np.roll(ids, -1, axis=1),
+                loss_mask=loss_mask, pixel_values=pixels.reshape(frames, *base.shape[2:]).astype(np.float32))
+
+
+class InputSource:
+    """Wraps a Grain iterator of micro-batches: next_batches(k) stacks k of them; state is checkpointable."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def next_batches(self, count: int) -> dict:
+        """Returns `count` micro-batches stacked on a new leading axis."""
+        micro = [next(self.iterator) for _ in range(count)]
+        return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
+def make_input(cfg: ml_collections.ConfigDict) -> InputSource:
+    """Returns the InputSource the config asks for."""
+    if cfg.data.kind == "random":
+        dataset = (grain.MapDataset.range(1 << 30)
+                   .map(lambda i: random_micro_batch(cfg, int(i)))
+                   .to_iter_dataset())
+        return InputSource(iter(dataset))
+    from stts_jax.data import pipeline  # the video-QA Grain pipeline
+
+    return InputSource(pipeline.make_train_iterator(cfg))
