@@ -26,17 +26,20 @@ def placeholder_counts(cfg: ml_collections.ConfigDict, num_frames: int) -> list[
 
 
 def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
-    """Returns a deterministic random micro-batch (this host's share) for record `index`."""
+    """Returns this host's share (rows and their videos) of the deterministic random micro-batch `index`.
+
+    The global micro-batch depends only on (seed, index), so any number of hosts sees the same data.
+    """
     data, model = cfg.data, cfg.model
-    rng = np.random.default_rng([cfg.train.seed, index, jax.process_index()])
+    rng = np.random.default_rng([cfg.train.seed, index])
     t = model.tokens
-    rows = data.rows // jax.process_count()
-    videos = data.videos_per_batch // jax.process_count()
+    rows, videos = data.rows, data.videos_per_batch
     per_row = videos // rows
     vocab = min(model.llm.vocab_size, 1000)
     ids = np.zeros((rows, data.seq_len), np.int32)
     seg = np.zeros_like(ids)
     loss_mask = np.zeros_like(ids)
+    positions = np.zeros_like(ids)
     for r in range(rows):
         seq = []
         for v in range(per_row):
@@ -46,23 +49,32 @@ def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
                 seq += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
             answer = [int(x) for x in rng.integers(0, vocab, data.answer_len)]
             seq += answer
+            if len(seq) > data.seq_len:
+                raise ValueError(f"data.seq_len={data.seq_len} is too short for {per_row} videos of "
+                                 f"{data.num_frames} frames ({len(seq)} tokens)")
             seg[r, start: len(seq)] = v + 1
+            positions[r, start: len(seq)] = np.arange(len(seq) - start)
             loss_mask[r, len(seq) - len(answer) - 1: len(seq) - 1] = 1
-        if len(seq) > data.seq_len:
-            raise ValueError(f"data.seq_len={data.seq_len} is too short for {per_row} videos of "
-                             f"{data.num_frames} frames ({len(seq)} tokens)")
         ids[r, : len(seq)] = seq
-    positions = np.zeros_like(ids)
-    for r in range(rows):
-        for v in range(1, per_row + 1):
-            where = np.nonzero(seg[r] == v)[0]
-            positions[r, where] = np.arange(len(where))
     grid = model.vit.image_size // model.vit.patch_size
-    frames = videos * data.num_frames
     base = rng.uniform(-1, 1, size=(videos, 1, grid * grid, model.vit.patch_size ** 2 * 3))
     pixels = np.clip(base + 0.2 * rng.normal(size=(videos, data.num_frames, *base.shape[2:])), -1, 1)
-    return dict(input_ids=ids, segment_ids=seg, positions=positions, targets=np.roll(ids, -1, axis=1),
-                loss_mask=loss_mask, pixel_values=pixels.reshape(frames, *base.shape[2:]).astype(np.float32))
+    pixels = pixels.reshape(videos * data.num_frames, *base.shape[2:]).astype(np.float32)
+    batch = dict(input_ids=ids, segment_ids=seg, positions=positions, targets=np.roll(ids, -1, axis=1),
+                 loss_mask=loss_mask, pixel_values=pixels)
+    return host_slice(batch, rows, videos * data.num_frames)
+
+
+def host_slice(batch: dict, rows: int, frames: int) -> dict:
+    """Returns this process's contiguous share of the rows and of the (row-ordered) frames."""
+    p, n = jax.process_index(), jax.process_count()
+    if rows % n or frames % n:
+        raise ValueError(f"{rows} rows / {frames} frames per micro-batch do not split over {n} hosts")
+    out = {}
+    for key, value in batch.items():
+        size = frames if key == "pixel_values" else rows
+        out[key] = value[p * size // n: (p + 1) * size // n]
+    return out
 
 
 class InputSource:

@@ -1,0 +1,27 @@
+"""One process of the two-process test: 4 simulated CPU devices, gloo collectives, 3 training steps."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, process_id, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+
+import tiny_train  # noqa: E402
+
+from stts_jax.train.trainer import train  # noqa: E402
+
+cfg = tiny_train.get_config("scorer")
+cfg.train.update(steps=3, log_every=1, ckpt_every=100)
+cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+records = train(cfg, workdir)
+with open(out, "w") as f:
+    json.dump({"losses": [r["loss"] for r in records], "devices": jax.device_count(),
+               "local": jax.local_device_count()}, f)
