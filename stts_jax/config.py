@@ -131,6 +131,7 @@ def model_config(vit=None, adapter=None, llm=None, stts=None, **overrides) -> ml
             tokens=ml_collections.ConfigDict(dict(MOLMO2_TOKENS)),
             dtype="float32",
             param_dtype="float32",
+            remat=False,  # recompute each ViT block / LLM layer in the backward pass (saves activation memory)
         )
     )
     cfg.update(overrides)

@@ -259,3 +259,15 @@ def test_random_method_needs_rng_and_prunes_counts():
     keep = np.asarray(aux["keep"])
     assert keep[:4].sum() == W * 4 - pruning.prune_count(4, W, 0.8) and keep[0].all()
     assert model.scorer is None and float(aux["temporal_loss"]) == 0.0
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = stts_tiny_config(prune_ratio=0.5, execution="packed")
+    batch, layout = stts_batch(cfg, [4, 3], seed=11)
+    grads = []
+    for remat in (False, True):
+        cfg.remat = remat
+        model = Molmo2VLM(cfg, rngs=nnx.Rngs(11))
+        grads.append(loss_and_grad_fn(model, layout)(nnx.state(model), as_jnp(batch))[1])
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)

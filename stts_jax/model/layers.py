@@ -76,6 +76,15 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
+def run_block(block: nnx.Module, remat: bool, *args, **kwargs):
+    """Returns block(*args, **kwargs); with `remat` its activations are recomputed in the backward pass."""
+    if not remat:
+        return block(*args, **kwargs)
+    # plain jax.checkpoint over (state, inputs): works inside lax.cond / scan, unlike an NNX transform
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, a, k: nnx.merge(graphdef, st)(*a, **k))(state, args, kwargs)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                           key_bias: jax.Array | None = None) -> jax.Array:
     """Returns softmax(q k^T / sqrt(d) + key_bias, masked) v with grouped-query heads.

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stts_jax.model.layers import DTYPES, Dense, RMSNorm, dot_product_attention, param
+from stts_jax.model.layers import DTYPES, Dense, RMSNorm, dot_product_attention, param, run_block
 
 
 def rope_inv_freq(llm: ml_collections.ConfigDict, scaled: bool) -> np.ndarray:
@@ -93,6 +93,7 @@ class LanguageModel(nnx.Module):
         self.lm_head = Dense(llm.hidden_size, llm.vocab_size, names=("embed", "vocab"), use_bias=False,
                              rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
+        self.remat = bool(cfg.get("remat", False))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Returns token embeddings [B, L, H] for ids [B, L]."""
@@ -101,5 +102,5 @@ class LanguageModel(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """Returns logits [B, L, vocab_size] for input embeddings x [B, L, H]."""
         for layer in self.layers:
-            x = layer(x, positions, mask)
+            x = run_block(layer, self.remat, x, positions, mask)
         return self.lm_head(self.final_norm(x))

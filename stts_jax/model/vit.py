@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from stts_jax.model.layers import DTYPES, Dense, LayerNorm, dot_product_attention, param
+from stts_jax.model.layers import DTYPES, Dense, LayerNorm, dot_product_attention, param, run_block
 
 
 class MultiHeadAttention(nnx.Module):
@@ -55,8 +55,10 @@ class VisionBlock(nnx.Module):
 class VisionTransformer(nnx.Module):
     """The ViT; `__call__` returns the hidden state after every block (no CLS token, no final norm)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32",
+                 remat: bool = False):
         dtype, param_dtype = DTYPES[dtype], DTYPES[param_dtype]
+        self.remat = remat
         patch_dim = cfg.patch_size * cfg.patch_size * cfg.num_channels
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embedding = Dense(patch_dim, cfg.hidden_size, names=(None, "embed"), use_bias=True,
@@ -77,6 +79,6 @@ class VisionTransformer(nnx.Module):
         x = self.embed(patches)
         hidden = []
         for block in self.blocks[: num_blocks or len(self.blocks)]:
-            x = block(x)
+            x = run_block(block, self.remat, x)
             hidden.append(x)
         return hidden

@@ -28,6 +28,7 @@ from flax import nnx
 from stts_jax.config import tokens_per_frame, validate_model_config
 from stts_jax.model import pruning
 from stts_jax.model.adapter import Adapter
+from stts_jax.model.layers import run_block
 from stts_jax.model.llm import LanguageModel
 from stts_jax.model.pruning import FrameLayout
 from stts_jax.model.scorer import TemporalTokenScorer
@@ -75,7 +76,7 @@ class Molmo2VLM(nnx.Module):
         validate_model_config(cfg)
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.vit = VisionTransformer(cfg.vit, **kw)
+        self.vit = VisionTransformer(cfg.vit, remat=bool(cfg.get("remat", False)), **kw)
         self.adapter = Adapter(cfg, **kw)
         self.llm = LanguageModel(cfg, **kw)
         self.scorer = TemporalTokenScorer(cfg, **kw) if cfg.stts.method == "scorer" else None
@@ -128,7 +129,7 @@ class Molmo2VLM(nnx.Module):
         num_blocks = max(max(self.feature_layers), st.prune_at + 1) + 1
         for i, block in enumerate(self.vit.blocks[: st.prune_at + 2]):
             # block prune_at+1 runs on every token, keys down-weighted by log(s~)
-            x = block(x, key_bias=key_bias) if i == st.prune_at + 1 else block(x)
+            x = run_block(block, self.vit.remat, x, key_bias=key_bias if i == st.prune_at + 1 else None)
             hidden[i] = x
             if i != st.prune_at:
                 continue
@@ -177,7 +178,7 @@ class Molmo2VLM(nnx.Module):
         def masked(x):
             out = {}
             for i in later:
-                x = self.vit.blocks[i](x, mask=keep_patch[:, None, :])
+                x = run_block(self.vit.blocks[i], self.vit.remat, x, mask=keep_patch[:, None, :])
                 out[i] = x
             return [out[layer] for layer in wanted]
 
@@ -189,7 +190,7 @@ class Molmo2VLM(nnx.Module):
             rows, row_mask = pruning.pack_tokens(x, plan, grid, pool)
             out = {}
             for i in later:
-                rows = self.vit.blocks[i](rows, mask=row_mask)
+                rows = run_block(self.vit.blocks[i], self.vit.remat, rows, mask=row_mask)
                 if i in wanted:
                     out[i] = pruning.unpack_tokens(rows, plan, x.shape[0], grid, pool)
             return [out[layer] for layer in wanted]
