@@ -76,6 +76,44 @@ class DecoderLayer(nnx.Module):
         h = self.mlp_norm(x)
         return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
 
+    # ---- cached decoding (generation); the training path above is unchanged
+
+    def _cached_attention(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple,
+                          index) -> tuple[jax.Array, tuple]:
+        """Returns (attention output, (k, v) cache with x's keys/values written at slots index..index+Lq-1)."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if not self.per_head_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(*q.shape[:-1], self.num_heads, self.head_dim)
+        k = k.reshape(*k.shape[:-1], self.num_kv_heads, self.head_dim)
+        v = v.reshape(*v.shape[:-1], self.num_kv_heads, self.head_dim)
+        if self.per_head_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        cache_k, cache_v = cache
+        start = (0, index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+        keys = mask.shape[-1]  # static: attend over cache slots 0..keys-1
+        out = dot_product_attention(q, cache_k[:, :keys].astype(q.dtype), cache_v[:, :keys].astype(q.dtype), mask=mask)
+        return self.o(out.reshape(*out.shape[:-2], -1)), (cache_k, cache_v)
+
+    def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple,
+               index) -> tuple[jax.Array, tuple]:
+        """Returns (layer output [B, Lq, H], updated (k, v) cache [B, S, Hkv, d] each).
+
+        x [B, Lq, H] are new tokens written at cache slots index..index+Lq-1 (index may be traced);
+        mask [B, Lq, Lk] says which of the cache slots 0..Lk-1 each new token attends to.
+        """
+        if self.norm_after:
+            attn, cache = self._cached_attention(x, positions, mask, cache, index)
+            x = x + self.attn_norm(attn)
+            return x + self.mlp_norm(self.down(jax.nn.silu(self.gate(x)) * self.up(x))), cache
+        attn, cache = self._cached_attention(self.attn_norm(x), positions, mask, cache, index)
+        x = x + attn
+        h = self.mlp_norm(x)
+        return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h)), cache
+
 
 class LanguageModel(nnx.Module):
     """Token embedding (base + additional vocabulary), decoder layers, final norm, untied LM head."""
@@ -104,3 +142,23 @@ class LanguageModel(nnx.Module):
         for layer in self.layers:
             x = run_block(layer, self.remat, x, positions, mask)
         return self.lm_head(self.final_norm(x))
+
+    def init_cache(self, batch_size: int, length: int, dtype=None) -> tuple:
+        """Returns an empty KV cache: per layer (k, v), each [batch, length, kv_heads, head_dim] zeros."""
+        layer = self.layers[0]
+        shape = (batch_size, length, layer.num_kv_heads, layer.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.layers)
+
+    def extend(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple,
+               index) -> tuple[jax.Array, tuple]:
+        """Returns (final-normed hidden states [B, Lq, H], updated cache) for new input embeddings x [B, Lq, H].
+
+        The new tokens' keys/values go to cache slots index..index+Lq-1; mask [B, Lq, Lk] selects the slots
+        0..Lk-1 each attends to. `lm_head` of the result gives the logits.
+        """
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.extend(x, positions, mask, layer_cache, index)
+            new_cache.append(layer_cache)
+        return self.final_norm(x), tuple(new_cache)

@@ -199,8 +199,9 @@ class Molmo2VLM(nnx.Module):
             return packed(x)
         return jax.lax.cond(plan.overflow, masked, packed, x)
 
-    def forward(self, batch: dict, layout: FrameLayout | None = None, rng: jax.Array | None = None):
-        """Returns (logits [B, L, vocab_size], aux) where aux holds `temporal_loss` (and keep/scores if pruning)."""
+    def llm_inputs(self, batch: dict, layout: FrameLayout | None = None,
+                   rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+        """Returns (input embeddings [B, L, H] with vision spliced in, attention mask [B, L, L], aux)."""
         input_ids = batch["input_ids"]
         features, aux = self.encode_video(batch["pixel_values"], batch["pooling_idx"], layout, rng)
         if "keep" in aux:
@@ -209,12 +210,27 @@ class Molmo2VLM(nnx.Module):
                 end_marker_ids=(self.cfg.tokens.frame_end_id, self.cfg.tokens.image_end_id))
         embeddings = splice_vision(self.llm.embed(input_ids), input_ids, features, self.cfg.tokens.image_patch_id)
         vision_layout = jnp.isin(input_ids, jnp.asarray(self.vision_layout_ids, jnp.int32))
-        mask = attention_mask(batch["segment_ids"], vision_layout)
+        return embeddings, attention_mask(batch["segment_ids"], vision_layout), aux
+
+    def forward(self, batch: dict, layout: FrameLayout | None = None, rng: jax.Array | None = None):
+        """Returns (logits [B, L, vocab_size], aux) where aux holds `temporal_loss` (and keep/scores if pruning)."""
+        embeddings, mask, aux = self.llm_inputs(batch, layout, rng)
         return self.llm(embeddings, batch["positions"], mask), aux
 
     def __call__(self, batch: dict, layout: FrameLayout | None = None, rng: jax.Array | None = None) -> jax.Array:
         """Returns logits [B, L, vocab_size] for a batch dict (see module docstring)."""
         return self.forward(batch, layout, rng)[0]
+
+    def prefill(self, batch: dict, cache: tuple, layout: FrameLayout | None = None,
+                rng: jax.Array | None = None) -> tuple[jax.Array, tuple, dict]:
+        """Returns (final-normed hidden [B, L, H], cache holding the prompt in slots 0..L-1, aux) for generation.
+
+        Same inputs and computation as `forward`; `cache` comes from `self.llm.init_cache(B, S)` with S >= L.
+        `self.llm.lm_head(hidden)` gives forward's logits.
+        """
+        embeddings, mask, aux = self.llm_inputs(batch, layout, rng)
+        hidden, cache = self.llm.extend(embeddings, batch["positions"], mask, cache, 0)
+        return hidden, cache, aux
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:

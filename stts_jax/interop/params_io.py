@@ -1,0 +1,145 @@
+"""A params checkpoint: the model's parameters (Orbax) and its config (JSON), nothing else.
+
+  PATH/state/              Orbax StandardCheckpointer item: the nnx.State of the model's nnx.Params
+  PATH/model_config.json   the model config (stts_jax.config.model_config fields, STTS included)
+
+`save_params` / `load_params` are the Orbax part and take any state pytree (the trainer's checkpoint module
+may reuse them); `save_model` / `load_model` add the config so a directory is self-describing.
+
+`load_train_checkpoint` reads the parameters alone out of a trainer checkpoint (stts_jax.train.checkpoint:
+WORKDIR/checkpoints/STEP/{state, data, config}) with an Orbax partial restore: the optimizer state is never
+read, and the model config comes from the checkpoint's `config` item (its `model` section).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from stts_jax.interop.hf_export import config_from_dict, config_to_dict
+
+STATE_DIR = "state"
+CONFIG_FILE = "model_config.json"
+
+
+class ParamsCheckpointError(ValueError):
+    """A params checkpoint cannot be written or read; the message names the path or field."""
+
+
+def save_params(path: str, state) -> None:
+    """Writes `state` (a pytree of arrays, e.g. an nnx.State) with Orbax to `path` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise ParamsCheckpointError(f"{path} already exists; Orbax will not overwrite it")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, state)
+        checkpointer.wait_until_finished()
+
+
+def load_params(path: str, abstract_state):
+    """Returns the state saved at `path`, restored onto the shapes/dtypes/shardings of `abstract_state`."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ParamsCheckpointError(f"{path}: no Orbax checkpoint here")
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            return checkpointer.restore(path, abstract_state)
+        except (ValueError, KeyError) as e:
+            raise ParamsCheckpointError(f"{path}: the checkpoint does not fit the model ({e})") from None
+
+
+def save_model(path: str, model, cfg: ml_collections.ConfigDict | None = None, overwrite: bool = False) -> str:
+    """Writes a model's params + config to directory `path`; returns `path`."""
+    cfg = model.cfg if cfg is None else cfg
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise ParamsCheckpointError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace it")
+        import shutil
+
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+    save_params(os.path.join(path, STATE_DIR), nnx.state(model, nnx.Param))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+    return path
+
+
+def load_model_config(path: str) -> ml_collections.ConfigDict:
+    """Returns the model config stored in a params checkpoint directory (missing fields are named)."""
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        raise ParamsCheckpointError(f"{path}: {CONFIG_FILE} is missing (not a params checkpoint)")
+    with open(cfg_path) as f:
+        data = json.load(f)
+    return config_from_dict(data, error=ParamsCheckpointError)
+
+
+def train_step_dir(path: str, step: int | None = None) -> str:
+    """Returns the step directory of a trainer checkpoint given a workdir, its checkpoints/ or a step directory."""
+    if os.path.isdir(os.path.join(path, STATE_DIR)) and os.path.isdir(os.path.join(path, "config")):
+        return path
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise ParamsCheckpointError(f"{path}: no trainer checkpoint steps found (expected {root}/<step>/state)")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise ParamsCheckpointError(f"{path}: no checkpoint for step {step}; saved steps are {steps}")
+    return os.path.join(root, str(step))
+
+
+def load_train_checkpoint(path: str, step: int | None = None):
+    """Returns (model, step) holding the parameters of a trainer checkpoint (latest step unless given)."""
+    import orbax.checkpoint as ocp
+
+    from stts_jax.model.vlm import Molmo2VLM
+
+    step_dir = train_step_dir(path, step)
+    cfg_file = os.path.join(step_dir, "config", "metadata")
+    if not os.path.exists(cfg_file):
+        raise ParamsCheckpointError(f"{step_dir}: the checkpoint has no config item ({cfg_file})")
+    with open(cfg_file) as f:
+        saved = json.load(f)
+    if "model" not in saved:
+        raise ParamsCheckpointError(f"{cfg_file}: config field `model` is missing")
+    cfg = config_from_dict(saved["model"], error=ParamsCheckpointError)
+    abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    item = {"params": abstract_params}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        try:
+            out = checkpointer.restore(os.path.join(os.path.abspath(step_dir), STATE_DIR),
+                                       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                   partial_restore=True))
+        except (ValueError, KeyError) as e:
+            raise ParamsCheckpointError(f"{step_dir}: the parameters do not fit the model config ({e})") from None
+    return nnx.merge(graphdef, out["params"], rest), int(os.path.basename(step_dir))
+
+
+def is_params_checkpoint(path: str) -> bool:
+    """Returns whether `path` looks like a params checkpoint directory."""
+    return os.path.isdir(os.path.join(path, STATE_DIR)) and os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
+def load_model(path: str, cfg: ml_collections.ConfigDict | None = None):
+    """Returns the Molmo2VLM stored at `path` (config from the checkpoint unless given)."""
+    from stts_jax.model.vlm import Molmo2VLM
+
+    cfg = load_model_config(path) if cfg is None else cfg
+    abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ParamsCheckpointError("the model holds non-parameter state, which a params checkpoint does not store")
+    params = load_params(os.path.join(path, STATE_DIR), abstract_params)
+    return nnx.merge(graphdef, params, rest)
