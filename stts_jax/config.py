@@ -253,6 +253,7 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
         data=dict(
             kind="random",  # random (no data needed) | video (prepared video-QA records, stts_jax.data)
             path="",
+            tokenizer="",  # tokenizer.json; "" = look in data.path and its parents
             num_frames=64,  # frames sampled per video (static)
             videos_per_batch=8,  # videos per micro-batch, all hosts (static)
             rows=8,  # sequences per micro-batch, all hosts

@@ -8,7 +8,8 @@ import pytest
 
 from stts_jax.data.processor import patchify
 from stts_jax.data.synthetic import moving_square_frames, write_mp4
-from stts_jax.data.video import VideoDecodeError, decode_frames, uniform_frame_indices
+from stts_jax.data.video import (VideoDecodeError, decode_clip, decode_frames, sample_frame_indices,
+                                 static_frame_indices, uniform_frame_indices)
 
 
 def test_bikes_decodes(bikes_mp4):
@@ -42,6 +43,26 @@ def test_patchify_layout():
     want = (frames[0, :14, 14:28, :].reshape(-1) / 255.0 - 0.5) / 0.5
     np.testing.assert_allclose(patches[0, 1], want, rtol=0, atol=1e-6)
     assert uniform_frame_indices(250, 5).tolist() == [0, 62, 124, 187, 249]
+
+
+def test_static_frame_indices_repeat_evenly():
+    np.testing.assert_array_equal(static_frame_indices([0, 4, 9], 8), [0, 0, 0, 4, 4, 4, 9, 9])
+    np.testing.assert_array_equal(static_frame_indices(np.arange(5), 5), np.arange(5))
+    np.testing.assert_array_equal(static_frame_indices(np.arange(9), 3), [0, 4, 8])  # never happens with our samplers
+
+
+def test_decode_clip_samples_like_molmo2(bikes_mp4, tmp_path):
+    clip = decode_clip(bikes_mp4, 8)  # 10 s > (8 - 1) / 2 fps: uniform over the clip, first and last frame
+    np.testing.assert_array_equal(clip.indices, np.linspace(0, 249, 8).astype(int))
+    np.testing.assert_allclose(clip.timestamps, clip.indices / 25.0)
+    full, _ = decode_frames(bikes_mp4)
+    np.testing.assert_array_equal(clip.frames, full[clip.indices])  # only the sampled frames are converted
+    # a short clip (12 frames at 8 fps = 1.5 s) is sampled at 2 fps + its last frame, then stretched to T = 8
+    path = write_mp4(str(tmp_path / "short.mp4"), moving_square_frames(12, size=64))
+    clip = decode_clip(path, 8)
+    assert sample_frame_indices(12, 8.0, 8).tolist() == [0, 4, 8, 11]
+    assert clip.indices.tolist() == [0, 0, 4, 4, 8, 8, 11, 11] and clip.frames.shape == (8, 64, 64, 3)
+    assert decode_clip(path, 8, static=False).indices.tolist() == [0, 4, 8, 11]
 
 
 def test_forward_demo_runs():

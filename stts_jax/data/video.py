@@ -1,36 +1,287 @@
-"""Decode videos with PyAV and sample frames."""
+"""Decode videos with PyAV and sample frames as Molmo2 does.
+
+Two samplers choose which frames of a clip the model sees (`sample_frame_indices`):
+
+  uniform_last_frame  the original Molmo2 code's sampler (and vLLM's), which the released checkpoints were
+                      trained with: a clip no longer than (num_frames - 1) / max_fps seconds is sampled at
+                      max_fps (round(arange(0, total - 1, fps / max_fps))) plus its last frame; a longer clip
+                      takes linspace(0, total - 1, num_frames) truncated to ints. Default.
+  transformers        transformers' `Molmo2VideoProcessor.sample_frames`: arange(0, total, total / target)
+                      truncated, target = num_frames capped at duration * max_fps when fps > max_fps. The last
+                      frame is not forced. Kept for parity tests against transformers.
+
+Both return at most `num_frames` indices. The training pipeline needs a static frame count, so
+`static_frame_indices` stretches a shorter selection to exactly `num_frames` by repeating frames evenly
+(each chosen frame appears floor or ceil of num_frames / n times, in order; their timestamps repeat too).
+
+Every problem with a file raises `VideoDecodeError` whose message starts with the file's name and whose
+`kind` says what went wrong: unreadable (missing, a directory, no permission), corrupt (not a video
+container), no_video_stream (e.g. audio-only), no_frames (a video stream with nothing decodable),
+truncated (fewer frames decode than the container declares).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import os
+from typing import Union
+
 import numpy as np
+
+SAMPLERS = ("uniform_last_frame", "transformers")
+ERROR_KINDS = ("unreadable", "corrupt", "no_video_stream", "no_frames", "truncated")
+
+VideoSource = Union[str, os.PathLike, bytes]
 
 
 class VideoDecodeError(ValueError):
-    """A video file cannot be decoded; the message names the file."""
+    """A video file cannot be decoded; the message starts with the file's name, `kind` is one of ERROR_KINDS."""
+
+    def __init__(self, name: str, kind: str, detail: str):
+        super().__init__(f"{name}: {detail}")
+        self.name, self.kind, self.detail = name, kind, detail
+
+    def __reduce__(self):  # picklable across Grain worker processes
+        return (VideoDecodeError, (self.name, self.kind, self.detail))
 
 
-def decode_frames(path: str, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about its (first) video stream."""
+
+    num_frames: int  # declared frame count (counted from packets when the container does not say)
+    fps: float  # average frame rate (0.0 when unknown)
+    width: int
+    height: int
+
+    @property
+    def duration(self) -> float:
+        """Returns num_frames / fps (the duration Molmo2's samplers use), 0 when fps is unknown."""
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedClip:
+    """Sampled frames of one clip with their source indices and timestamps (seconds)."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    indices: np.ndarray  # int64 [T] frame index in the file
+    timestamps: np.ndarray  # float64 [T] = index / fps
+    info: VideoInfo
+
+
+def _name(src: VideoSource, name: str | None) -> str:
+    if name is not None:
+        return name
+    return "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else os.fspath(src)
+
+
+def _open(src: VideoSource, name: str):
+    """Returns an open PyAV input container, or raises VideoDecodeError (unreadable / corrupt)."""
+    import av
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise VideoDecodeError(name, "corrupt", "empty file (0 bytes)")
+        target = io.BytesIO(bytes(src))
+    else:
+        target = os.fspath(src)
+        if not os.path.exists(target):
+            raise VideoDecodeError(name, "unreadable", "cannot read the file: no such file")
+        if os.path.isdir(target):
+            raise VideoDecodeError(name, "unreadable", "cannot read the file: it is a directory")
+        if not os.access(target, os.R_OK):
+            raise VideoDecodeError(name, "unreadable", "cannot read the file: permission denied")
+        if os.path.getsize(target) == 0:
+            raise VideoDecodeError(name, "corrupt", "empty file (0 bytes)")
+    try:
+        return av.open(target)
+    except OSError as e:  # av.error.FileNotFoundError, PermissionError, ... subclass OSError
+        if isinstance(e, av.error.FFmpegError) and not isinstance(
+                e, (av.error.FileNotFoundError, av.error.PermissionError, av.error.IsADirectoryError)):
+            raise VideoDecodeError(name, "corrupt",
+                                   f"not a readable video container, corrupt or truncated ({e})") from None
+        raise VideoDecodeError(name, "unreadable", f"cannot read the file ({e})") from None
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise VideoDecodeError(name, "corrupt", f"not a readable video container, corrupt or truncated ({e})") from None
+
+
+def _video_stream(container, name: str):
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise VideoDecodeError(name, "no_video_stream",
+                               f"no video stream (streams found: {', '.join(kinds)}; audio-only file?)")
+    return container.streams.video[0]
+
+
+def _info(container, stream) -> VideoInfo:
+    fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    count = int(stream.frames or 0)
+    if count <= 0:  # container does not declare a count (mkv, webm, ...): count packets, no decoding
+        count = sum(1 for packet in container.demux(stream) if packet.size)
+        container.seek(0)
+    return VideoInfo(num_frames=count, fps=fps, width=int(stream.width or 0), height=int(stream.height or 0))
+
+
+def probe_video(src: VideoSource, name: str | None = None) -> VideoInfo:
+    """Returns the VideoInfo of a file / bytes without decoding frames; raises VideoDecodeError."""
+    import av
+
+    name = _name(src, name)
+    container = _open(src, name)
+    with container:
+        stream = _video_stream(container, name)
+        try:
+            info = _info(container, stream)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise VideoDecodeError(name, "corrupt", f"cannot read the video stream ({e})") from None
+    if info.num_frames == 0:
+        raise VideoDecodeError(name, "no_frames", "the video stream holds no frames")
+    return info
+
+
+def sample_frame_indices(total: int, fps: float, num_frames: int, max_fps: float | None = 2.0,
+                         mode: str = "uniform_last_frame") -> np.ndarray:
+    """Returns int64 frame indices (at most num_frames, increasing) that Molmo2 samples from a clip.
+
+    `total` frames at `fps` (duration = total / fps); see the module docstring for the two modes.
+    """
+    if total <= 0 or num_frames <= 0:
+        raise ValueError(f"need total > 0 and num_frames > 0, got total={total}, num_frames={num_frames}")
+    if mode == "uniform_last_frame":
+        if max_fps is None or fps <= 0:
+            return np.linspace(0, total - 1, num=min(num_frames, total), endpoint=True).astype(np.int64)
+        if total <= 2:
+            return np.arange(total, dtype=np.int64)
+        duration = total / fps
+        if duration > (num_frames - 1) / max_fps:  # long clip: uniform, first and last frame included
+            return np.linspace(0, total - 1, num=min(num_frames, total), endpoint=True).astype(np.int64)
+        float_indices = np.arange(0.0, total - 1, float(fps / max_fps))
+        if np.round(float_indices[-1]) != total - 1:
+            float_indices = np.concatenate([float_indices, [total - 1]])
+        return np.round(float_indices).astype(np.int64)[:num_frames]
+    if mode == "transformers":
+        fps_eff = fps if fps > 0 else (max_fps or 1.0)  # transformers falls back to max_fps when fps is unknown
+        target = num_frames
+        if max_fps is not None and fps_eff > max_fps:
+            target = min(target, int(total / fps_eff * max_fps))
+        target = max(min(target, total), 1)
+        step = total / target
+        count = int(np.ceil(total / step))  # torch.arange(0, total, step): float32 values from a float64 ramp
+        return (np.arange(count, dtype=np.float64) * step).astype(np.float32).astype(np.int64)
+    raise ValueError(f"unknown frame sampler {mode!r}; expected one of {SAMPLERS}")
+
+
+def static_frame_indices(indices: np.ndarray, num_frames: int) -> np.ndarray:
+    """Returns exactly num_frames indices: `indices` with frames repeated evenly (or thinned evenly if longer)."""
+    indices = np.asarray(indices, np.int64)
+    n = len(indices)
+    if n == 0:
+        raise ValueError("no frame indices to stretch")
+    if n >= num_frames:
+        return indices[np.round(np.linspace(0, n - 1, num_frames)).astype(np.int64)]
+    return indices[(np.arange(num_frames) * n) // num_frames]
+
+
+def uniform_frame_indices(total: int, num_frames: int) -> np.ndarray:
+    """Returns `num_frames` indices spread evenly over [0, total-1], first and last included (rounded)."""
+    if total <= 0 or num_frames <= 0:
+        raise ValueError(f"need total > 0 and num_frames > 0, got total={total}, num_frames={num_frames}")
+    return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
+
+
+def _decode_at(container, stream, wanted: np.ndarray, threads: int) -> tuple[dict[int, np.ndarray], int, str | None]:
+    """Decodes frames in order; returns ({index: rgb frame} for wanted indices, frames decoded, error text)."""
+    import av
+
+    if threads != 1:
+        stream.thread_type = "AUTO"
+        stream.thread_count = threads
+    wanted_set = set(int(i) for i in wanted)
+    last = max(wanted_set)
+    got: dict[int, np.ndarray] = {}
+    count, error = 0, None
+    try:
+        for frame in container.decode(stream):
+            if count in wanted_set:
+                got[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+            if count > last:
+                break
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        error = str(e)
+    return got, count, error
+
+
+def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.0,
+                sampler: str = "uniform_last_frame", static: bool = True, name: str | None = None,
+                threads: int = 1) -> DecodedClip:
+    """Returns the frames Molmo2 samples from a video file / bytes (exactly num_frames if `static`).
+
+    Only the sampled frames are converted to RGB; decoding stops after the last one. Raises
+    VideoDecodeError (see module docstring) naming the file.
+    """
+    import av
+
+    name = _name(src, name)
+    known_total = None  # set when a first pass found slightly fewer decodable frames than declared
+    while True:
+        container = _open(src, name)
+        with container:
+            stream = _video_stream(container, name)
+            try:
+                info = _info(container, stream)
+            except (av.error.FFmpegError, ValueError) as e:
+                raise VideoDecodeError(name, "corrupt", f"cannot read the video stream ({e})") from None
+            if known_total is not None:
+                info = dataclasses.replace(info, num_frames=known_total)
+            if info.num_frames == 0:
+                raise VideoDecodeError(name, "no_frames", "the video stream holds no frames")
+            chosen = sample_frame_indices(info.num_frames, info.fps, num_frames, max_fps, sampler)
+            wanted = np.unique(chosen)
+            got, decoded, error = _decode_at(container, stream, wanted, threads)
+        if len(got) == len(wanted):
+            break
+        if decoded == 0:
+            detail = f"the video stream declares {info.num_frames} frames but none decodes"
+            raise VideoDecodeError(name, "no_frames", detail + (f" ({error})" if error else ""))
+        slack = max(1, info.num_frames // 100)  # real files sometimes declare a frame or two more than they hold
+        if known_total is not None or info.num_frames - decoded > slack:
+            detail = f"truncated: the container declares {info.num_frames} frames but only {decoded} decode"
+            raise VideoDecodeError(name, "truncated", detail + (f" ({error})" if error else ""))
+        known_total = decoded  # resample over the frames that really exist
+    if static:
+        chosen = static_frame_indices(chosen, num_frames)
+    frames = np.stack([got[int(i)] for i in chosen])
+    fps = info.fps if info.fps > 0 else (max_fps or 1.0)
+    if sampler == "transformers":  # transformers divides an int32 tensor by fps: float32 timestamps
+        timestamps = chosen.astype(np.float32) / np.float32(fps)
+    else:
+        timestamps = chosen / fps
+    return DecodedClip(frames=frames, indices=chosen, timestamps=timestamps, info=info)
+
+
+def decode_frames(path: VideoSource, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """Returns (frames uint8 [T, H, W, 3], fps) of every decoded frame (or the first `max_frames`)."""
     import av
 
+    name = _name(path, None)
+    container = _open(path, name)
     frames = []
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    with container:
+        stream = _video_stream(container, name)
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        try:
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-    except (av.error.FFmpegError, IndexError, OSError) as e:
-        raise VideoDecodeError(f"{path}: cannot decode video ({e})") from None
+        except (av.error.FFmpegError, ValueError, IndexError) as e:
+            if not frames:
+                raise VideoDecodeError(name, "no_frames", f"no frame decodes ({e})") from None
+            raise VideoDecodeError(name, "truncated", f"decoding failed after {len(frames)} frames ({e})") from None
     if not frames:
-        raise VideoDecodeError(f"{path}: no video frames decoded")
+        raise VideoDecodeError(name, "no_frames", "no video frames decoded")
     return np.stack(frames), fps
-
-
-def uniform_frame_indices(total: int, num_frames: int) -> np.ndarray:
-    """Returns `num_frames` indices spread evenly over [0, total-1], first and last included."""
-    if total <= 0 or num_frames <= 0:
-        raise ValueError(f"need total > 0 and num_frames > 0, got total={total}, num_frames={num_frames}")
-    return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)

@@ -1,0 +1,409 @@
+"""Grain input pipeline: `video_qa` ArrayRecord shards -> packed, static-shape model batches -> global jax.Arrays.
+
+  source (tfds ArrayRecord)  -> this host's slice -> shuffle(seed), reshuffled every epoch -> repeat
+  -> decode + sample + resize + tokenise (`ExampleBuilder`; in `num_workers` processes via mp_prefetch)
+  -> screen: bad videos are counted, reported and skipped (on_error="skip") or raise (on_error="fail");
+     an example longer than a row raises ExampleTooLongError naming it
+  -> grain.experimental.FirstFitPackIterDataset: rows of seq_len tokens AND at most videos_per_row * T frames
+  -> batch `rows` rows -> host batch (below) -> thread prefetch
+
+Host batch (numpy, static shapes; R = rows per host, V = videos_per_row, T = num_frames, W windows per frame):
+
+  input_ids, targets, loss_mask, segment_ids, positions  [R, L] int32  (segment ids 1-based per row, 0 = pad;
+                                                          positions restart at 0 per example)
+  pixel_values  [R*V*T, N, P*P*3] float32  the real videos' frames in row-major order of the videos in the
+                                           sequence, then all-zero dummy videos up to R*V videos
+  pooling_idx   [R*V*T*W, pool*pool] int32 every window of every frame (video_pooling_indices)
+  num_videos    []   int32  real videos in the batch (for metrics; the rest are dummies)
+  row_videos    [R]  int32  real videos per row
+  record        [R, V] int64  `index` of each packed example (-1 = empty slot), for tests and debugging
+
+Why Grain's packer: first-fit over several features at once gives the two static caps (tokens and frames per
+row) for free, keeps iterator state checkpointable, and never splits an example.
+
+The dummy videos have no placeholders in the sequence, so their vision features are never spliced (the model
+splices in global row-major order). Multi-host: every host packs its own slice and `make_global_batch`
+concatenates the per-host batches along the batch / frame axes. Each host's dummies sit at the end of *its*
+block of the flat frame list, so the global row-major splice is only correct when no host but the last has
+dummies; see the README's "Data" section.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from stts_jax.config import grid_size, tokens_per_frame
+from stts_jax.data.examples import ExampleBuilder
+from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, video_pooling_indices
+from stts_jax.data.video import SAMPLERS
+
+ON_ERROR = ("skip", "fail")
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "pooling_idx")
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Returns the input-pipeline settings (every shape-deciding field is a Python int)."""
+    cfg = ml_collections.ConfigDict(dict(
+        data_dir="",  # tfds data dir holding video_qa/<version>/ (or that version dir itself)
+        split="train",
+        tokenizer="",  # tokenizer.json (or a directory holding one)
+        num_frames=16,  # T: frames per clip, static (short clips repeat frames; see stts_jax.data.video)
+        max_fps=2.0,
+        sampler="uniform_last_frame",  # | "transformers"
+        seq_len=2048,  # tokens per packed row
+        rows=8,  # packed rows per global batch (divided over hosts)
+        videos_per_row=4,  # at most this many videos per row: videos_per_batch = rows * videos_per_row
+        packing_bins=0,  # rows packed at once (first-fit); 0 = 2 * rows per host
+        shuffle=True,
+        seed=0,
+        num_epochs=1,  # None = repeat forever
+        num_workers=0,  # decoding processes (Grain mp_prefetch); 0 = decode in this process
+        worker_buffer=2,  # examples buffered per worker
+        read_threads=1,  # decoding threads per process (0 = decode on the consuming thread)
+        read_buffer=4,  # examples decoded ahead per process
+        host_prefetch=2,  # finished batches prepared ahead on a thread (0 = off)
+        decode_threads=1,  # FFmpeg threads per decode
+        on_error="skip",  # bad videos: "skip" (count + report) or "fail"
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+class BadExampleError(RuntimeError):
+    """A bad video with on_error="fail"; the message names the file."""
+
+
+class ExampleTooLongError(ValueError):
+    """An example does not fit into one packed row; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchGeometry:
+    """Static shapes of one host's batch and of the global batch."""
+
+    rows: int  # rows per host
+    seq_len: int
+    videos_per_row: int
+    num_frames: int
+    grid: int
+    pool: int
+    windows_per_frame: int
+    patch_dim: int
+    process_count: int = 1
+
+    @property
+    def videos_per_batch(self) -> int:
+        """Returns video slots per host batch (real + dummy)."""
+        return self.rows * self.videos_per_row
+
+    @property
+    def frames_per_batch(self) -> int:
+        """Returns frames per host batch."""
+        return self.videos_per_batch * self.num_frames
+
+    def layout(self, global_batch: bool = True):
+        """Returns the static FrameLayout of the (global) flat frame list: videos of T frames."""
+        from stts_jax.model.pruning import FrameLayout
+
+        videos = self.videos_per_batch * (self.process_count if global_batch else 1)
+        return FrameLayout.videos(*([self.num_frames] * videos))
+
+
+def placeholders_per_frame(model_cfg: ml_collections.ConfigDict, num_frames: int) -> list[int]:
+    """Returns placeholders reserved per frame: W each without pruning, W*T - K in total with STTS."""
+    w = tokens_per_frame(model_cfg)
+    st = model_cfg.stts
+    if st.method == "none" or st.prune_ratio == 0:
+        return [w] * num_frames
+    from stts_jax.model.pruning import placeholder_counts
+
+    return placeholder_counts(num_frames, w, st.prune_ratio, st.prune_from_frame)
+
+
+# -------------------------------------------------------------------------------------- bad examples
+
+@dataclasses.dataclass
+class BadExampleReport:
+    """Counts of skipped examples per error kind, and the last messages (each names its file)."""
+
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    messages: list = dataclasses.field(default_factory=list)
+    keep: int = 50
+
+    @property
+    def total(self) -> int:
+        """Returns how many examples were skipped."""
+        return sum(self.counts.values())
+
+    def add(self, kind: str, message: str) -> None:
+        """Records one skipped example."""
+        self.counts[kind] += 1
+        self.messages = (self.messages + [message])[-self.keep:]
+
+    def summary(self) -> str:
+        """Returns a one-line summary."""
+        if not self.total:
+            return "no bad examples"
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts.items()))
+        return f"skipped {self.total} bad examples ({kinds}); last: {self.messages[-1]}"
+
+
+class _ScreenIterator(grain.DatasetIterator):
+    def __init__(self, parent, on_error: str, seq_len: int, report: BadExampleReport):
+        super().__init__(parent)
+        self._on_error, self._seq_len, self._report = on_error, seq_len, report
+
+    def __next__(self):
+        while True:
+            element = next(self._parent)
+            if "error" not in element:
+                break
+            if self._on_error == "fail":
+                raise BadExampleError(f"bad example {element['id']!r}: {element['error']}")
+            self._report.add(str(element["error_kind"]), str(element["error"]))
+            logging.warning("skipping example %s: %s", element["id"], element["error"])
+        n = len(element["input_ids"])
+        if n > self._seq_len:
+            raise ExampleTooLongError(
+                f"example {element['id']!r} (record {int(element['record'][0])}) has {n} tokens, more than a packed "
+                f"row holds (seq_len={self._seq_len}): raise seq_len, lower num_frames or shorten its text")
+        element = dict(element)
+        del element["id"]
+        return element
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(parent=self._parent.get_state(), counts=dict(self._report.counts),
+                    messages=list(self._report.messages))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._report.counts = collections.Counter(state["counts"])
+        self._report.messages = list(state["messages"])
+
+
+class _ScreenIterDataset(grain.IterDataset):
+    """Drops (and reports) error markers, refuses over-long examples, removes the string id."""
+
+    def __init__(self, parent, on_error: str, seq_len: int, report: BadExampleReport):
+        super().__init__(parent)
+        self._on_error, self._seq_len, self._report = on_error, seq_len, report
+
+    def __iter__(self):
+        return _ScreenIterator(self._parent.__iter__(), self._on_error, self._seq_len, self._report)
+
+
+# ------------------------------------------------------------------------------------------ host batch
+
+class HostBatch:
+    """Turns a batch of packed rows into the model's host batch (see module docstring); pads missing rows."""
+
+    def __init__(self, geometry: BatchGeometry):
+        self.g = geometry
+        frames = geometry.frames_per_batch
+        self.pooling_idx = video_pooling_indices(frames, geometry.grid, geometry.pool).astype(np.int32)
+
+    def __call__(self, packed: dict) -> dict:
+        g = self.g
+        rows = packed["input_ids"].shape[0]
+
+        def pad_rows(x, fill=0):
+            if rows == g.rows:
+                return x
+            return np.concatenate([x, np.full((g.rows - rows, *x.shape[1:]), fill, x.dtype)])
+
+        out = dict(
+            input_ids=pad_rows(packed["input_ids"]).astype(np.int32),
+            segment_ids=pad_rows(packed["input_ids_segment_ids"]).astype(np.int32),
+            positions=pad_rows(packed["input_ids_positions"]).astype(np.int32),
+            targets=pad_rows(packed["targets"]).astype(np.int32),
+            loss_mask=pad_rows(packed["loss_mask"]).astype(np.int32),
+        )
+        frame_segments = pad_rows(packed["frames_segment_ids"]).reshape(-1)  # [R * V * T]
+        frames = packed["frames"].reshape(-1, *packed["frames"].shape[2:])  # [rows * V * T, N, P*P*3]
+        real = np.flatnonzero(frame_segments[: frames.shape[0]] > 0)  # row-major, in sequence order
+        pixel_values = np.zeros((g.frames_per_batch, *frames.shape[1:]), np.float32)
+        pixel_values[: len(real)] = (frames[real].astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+        record = pad_rows(np.where(packed["record_segment_ids"] > 0, packed["record"], -1), fill=-1)
+        out.update(pixel_values=pixel_values, pooling_idx=self.pooling_idx,
+                   num_videos=np.int32(len(real) // g.num_frames), row_videos=(record >= 0).sum(1).astype(np.int32),
+                   record=record.astype(np.int64))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+def find_dataset_dir(data_dir: str, name: str = "video_qa") -> str:
+    """Returns the tfds version directory (holding dataset_info.json) under data_dir."""
+    if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+        return data_dir
+    base = os.path.join(data_dir, name)
+    versions = sorted(v for v in os.listdir(base) if os.path.exists(os.path.join(base, v, "dataset_info.json"))) \
+        if os.path.isdir(base) else []
+    if not versions:
+        raise FileNotFoundError(f"no prepared {name} dataset under {data_dir} (run launch/prepare_data.py)")
+    return os.path.join(base, versions[-1])
+
+
+def open_source(data_dir: str, split: str = "train"):
+    """Returns the random-access tfds ArrayRecord source of a prepared split (records are dicts)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(find_dataset_dir(data_dir))
+    return builder.as_data_source(split)
+
+
+class Pipeline:
+    """A configured input pipeline: iterate it for host batches; `report` counts skipped bad examples."""
+
+    def __init__(self, dataset: grain.IterDataset, geometry: BatchGeometry, report: BadExampleReport):
+        self.dataset, self.geometry, self.report = dataset, geometry, report
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    @property
+    def layout(self):
+        """Returns the static FrameLayout of the global batch (for the model / STTS)."""
+        return self.geometry.layout()
+
+
+def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, *, source=None,
+                  process_index: int | None = None, process_count: int | None = None) -> Pipeline:
+    """Returns the Pipeline of data config `cfg` for model config `model_cfg` (this host's slice)."""
+    for field in ("num_frames", "seq_len", "rows", "videos_per_row"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise ValueError(f"data config field `{field}`: must be a positive int, got {cfg[field]!r}")
+    if cfg.on_error not in ON_ERROR:
+        raise ValueError(f"data config field `on_error`: must be one of {ON_ERROR}, got {cfg.on_error!r}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"data config field `sampler`: must be one of {SAMPLERS}, got {cfg.sampler!r}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if cfg.rows % process_count:
+        raise ValueError(f"data config field `rows`: {cfg.rows} rows cannot be split over {process_count} hosts")
+    geometry = BatchGeometry(
+        rows=cfg.rows // process_count, seq_len=cfg.seq_len, videos_per_row=cfg.videos_per_row,
+        num_frames=cfg.num_frames, grid=grid_size(model_cfg), pool=model_cfg.adapter.pool_size,
+        windows_per_frame=tokens_per_frame(model_cfg), patch_dim=model_cfg.vit.patch_size ** 2 * 3,
+        process_count=process_count)
+    from stts_jax.data.tokenizer import load_tokenizer
+
+    encoder = Molmo2TextEncoder(load_tokenizer(cfg.tokenizer), PromptFormat())
+    encoder.check_model_tokens(model_cfg.tokens)
+    builder = ExampleBuilder(
+        cfg.tokenizer, image_size=model_cfg.vit.image_size, patch_size=model_cfg.vit.patch_size,
+        num_frames=cfg.num_frames, placeholders_per_frame=placeholders_per_frame(model_cfg, cfg.num_frames),
+        max_fps=cfg.max_fps, sampler=cfg.sampler, decode_threads=cfg.decode_threads)
+
+    if source is None:
+        source = open_source(cfg.data_dir, cfg.split)
+    ds = grain.MapDataset.source(source)
+    ds = ds[process_index::process_count]
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(builder)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when starting workers (outside app.run)
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=cfg.worker_buffer))
+    report = BadExampleReport()
+    ds = _ScreenIterDataset(ds, cfg.on_error, cfg.seq_len, report)
+    v, t = cfg.videos_per_row, cfg.num_frames
+    lengths = dict(input_ids=cfg.seq_len, targets=cfg.seq_len, loss_mask=cfg.seq_len, frames=v * t, record=v)
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=lengths,
+        num_packing_bins=cfg.packing_bins or 2 * geometry.rows, seed=cfg.seed, shuffle_bins=cfg.shuffle)
+    ds = ds.batch(geometry.rows, drop_remainder=False)
+    ds = ds.map(HostBatch(geometry))
+    if cfg.host_prefetch > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.host_prefetch)
+    return Pipeline(ds, geometry, report)
+
+
+TRAIN_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "num_videos")
+
+
+def _train_keys(batch: dict) -> dict:
+    return {k: batch[k] for k in TRAIN_KEYS}
+
+
+def find_tokenizer(cfg_data: ml_collections.ConfigDict) -> str:
+    """Returns data.tokenizer, else the first tokenizer.json in data.path or its two parent directories."""
+    if cfg_data.get("tokenizer"):
+        return cfg_data.tokenizer
+    here = os.path.abspath(cfg_data.path)
+    for _ in range(3):
+        candidate = os.path.join(here, "tokenizer.json")
+        if os.path.exists(candidate):
+            return candidate
+        here = os.path.dirname(here)
+    raise FileNotFoundError(f"no tokenizer.json in {cfg_data.path} or its parents; set data.tokenizer")
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict):
+    """Returns the checkpointable Grain iterator of host micro-batches the trainer consumes (`data.kind="video"`).
+
+    Maps the training config's data section (path, num_frames, videos_per_batch and rows over all hosts,
+    seq_len, workers, shuffle_seed, on_bad_video; optional tokenizer) onto `data_config`, repeats the data
+    forever and keeps the trainer's batch keys (TRAIN_KEYS).
+    """
+    d = cfg.data
+    if d.videos_per_batch % d.rows:
+        raise ValueError(f"data.videos_per_batch={d.videos_per_batch} must be a multiple of data.rows={d.rows} "
+                         "(every packed row holds at most videos_per_batch / rows videos)")
+    data = data_config(data_dir=d.path, split=d.get("split", "train"), tokenizer=find_tokenizer(d),
+                       num_frames=d.num_frames, seq_len=d.seq_len, rows=d.rows,
+                       videos_per_row=d.videos_per_batch // d.rows, seed=d.shuffle_seed, num_epochs=None,
+                       num_workers=d.workers, on_error=d.on_bad_video)
+    p = make_pipeline(data, cfg.model)
+    p.dataset = p.dataset.map(_train_keys)
+    return iter(p)
+
+
+# ---------------------------------------------------------------------------------------- global arrays
+
+def make_global_batch(batch: dict, mesh, geometry: BatchGeometry) -> dict:
+    """Returns the model keys of a host batch as global jax.Arrays on `mesh` (batch / frame axes over data, fsdp).
+
+    Each host passes its own batch; the global arrays concatenate them in process order. The leading axis is
+    sharded over ('data', 'fsdp') when the mesh divides it (required with several hosts), else replicated.
+    `pooling_idx` is rebuilt for the global frame list and replicated.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = {}
+    for key in BATCH_KEYS:
+        if key == "pooling_idx":
+            continue
+        local = np.asarray(batch[key])
+        global_shape = (local.shape[0] * geometry.process_count, *local.shape[1:])
+        if global_shape[0] % shards == 0:
+            spec = P(("data", "fsdp"), *([None] * (local.ndim - 1)))
+        elif geometry.process_count == 1:
+            spec = P()
+        else:
+            raise ValueError(f"batch[{key!r}] has {global_shape[0]} rows/frames globally, not divisible by the "
+                             f"{shards} data*fsdp shards; multi-host batches must divide evenly")
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
+    frames = geometry.frames_per_batch * geometry.process_count
+    pooling = video_pooling_indices(frames, geometry.grid, geometry.pool).astype(np.int32)
+    out["pooling_idx"] = jax.make_array_from_process_local_data(NamedSharding(mesh, P()), pooling, pooling.shape)
+    return out

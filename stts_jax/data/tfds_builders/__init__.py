@@ -1,0 +1,1 @@
+"""tensorflow-datasets builders that turn user videos + annotations into ArrayRecord shards (no TensorFlow)."""
