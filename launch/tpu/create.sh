@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Creates a TPU VM slice (all its workers) with gcloud.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+USAGE="usage: launch/tpu/create.sh --name=NAME --zone=ZONE (--accelerator=TYPE | --tpu=GEN --chips=N) [options]
+
+  --name=NAME           TPU VM name (lowercase letters, digits, hyphens)
+  --zone=ZONE           e.g. us-east5-a (where the accelerator type is offered)
+  --project=ID          GCP project (default: gcloud's configured project)
+  --accelerator=TYPE    e.g. v5p-128, v5litepod-64, v6e-256, v4-32 (gcloud's accelerator type)
+  --tpu=GEN --chips=N   the same by chip count: v5p|v5e|v6e|v4 and N chips (v5p/v4 types count 2 cores per chip)
+  --version=RUNTIME     TPU VM runtime (default by generation: v5p v2-alpha-tpuv5, v5e v2-alpha-tpuv5-lite,
+                        v6e v2-alpha-tpuv6e, v4 tpu-ubuntu2204-base)
+  --spot                spot capacity (preemptible; the trainer checkpoints on SIGTERM)
+  --dry_run             print the gcloud command line instead of running it
+
+Example (64 v5p chips = v5p-128):
+  launch/tpu/create.sh --name=stts-4b --zone=us-east5-a --project=my-proj --tpu=v5p --chips=64"
+BOOL_FLAGS="spot dry_run"
+parse_flags "name zone project accelerator tpu chips version" "$@"
+check_common
+((${#EXTRA_ARGS[@]} == 0)) || usage_error "create.sh takes no arguments after --"
+
+if [[ -n ${FLAG_accelerator:-} ]]; then
+  [[ -z ${FLAG_tpu:-}${FLAG_chips:-} ]] || usage_error "give --accelerator or --tpu/--chips, not both"
+  accelerator=$FLAG_accelerator
+else
+  require tpu chips
+  [[ $FLAG_chips =~ ^[1-9][0-9]*$ ]] || usage_error "--chips='$FLAG_chips' must be a positive integer"
+  case $FLAG_tpu in
+    v5p) accelerator="v5p-$((FLAG_chips * 2))" ;;
+    v4) accelerator="v4-$((FLAG_chips * 2))" ;;
+    v5e) accelerator="v5litepod-$FLAG_chips" ;;
+    v6e) accelerator="v6e-$FLAG_chips" ;;
+    *) usage_error "--tpu='$FLAG_tpu': choose v5p, v5e, v6e or v4" ;;
+  esac
+fi
+[[ $accelerator =~ ^(v4|v5p|v5litepod|v6e)-[1-9][0-9]*$ ]] ||
+  usage_error "--accelerator='$accelerator': expected v4-N, v5p-N, v5litepod-N or v6e-N"
+
+if [[ -n ${FLAG_version:-} ]]; then
+  version=$FLAG_version
+else
+  case ${accelerator%%-*} in
+    v5p) version=v2-alpha-tpuv5 ;;
+    v5litepod) version=v2-alpha-tpuv5-lite ;;
+    v6e) version=v2-alpha-tpuv6e ;;
+    v4) version=tpu-ubuntu2204-base ;;
+  esac
+fi
+
+location_args
+cmd=(gcloud compute tpus tpu-vm create "$FLAG_name" "${LOCATION_ARGS[@]}" "--accelerator-type=$accelerator"
+  "--version=$version")
+[[ ${FLAG_spot:-false} == true ]] && cmd+=(--spot)
+run "${cmd[@]}"

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs the project on every worker of a TPU VM slice: Python 3.11 venv, `pip install -e .` and jax[tpu].
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+USAGE="usage: launch/tpu/install.sh --name=NAME --zone=ZONE (--repo=URL [--ref=REF] | --source=DIR) [options]
+
+  --name, --zone, --project   the slice (as given to create.sh)
+  --repo=URL                  git repository every worker clones (needs network access to it)
+  --ref=REF                   branch, tag or commit to check out (default: main)
+  --source=DIR                instead of --repo: ship DIR's committed HEAD (git archive) to every worker with scp
+  --dry_run                   print the gcloud command lines instead of running them
+
+Each worker gets \$HOME/stts-jax (the code) and \$HOME/stts-venv (Python 3.11, the project, jax[tpu]==0.10.2).
+Example:
+  launch/tpu/install.sh --name=stts-4b --zone=us-east5-a --source=."
+BOOL_FLAGS="dry_run"
+parse_flags "name zone project repo ref source" "$@"
+check_common
+((${#EXTRA_ARGS[@]} == 0)) || usage_error "install.sh takes no arguments after --"
+[[ -n ${FLAG_repo:-} || -n ${FLAG_source:-} ]] || usage_error "give --repo=URL or --source=DIR"
+[[ -n ${FLAG_repo:-} && -n ${FLAG_source:-} ]] && usage_error "give --repo or --source, not both"
+location_args
+ref=${FLAG_ref:-main}
+[[ $ref =~ ^[A-Za-z0-9._/-]+$ ]] || usage_error "--ref='$ref' is not a git ref"
+
+if [[ -n ${FLAG_source:-} ]]; then
+  [[ -d $FLAG_source ]] || usage_error "--source='$FLAG_source' is not a directory"
+  git -C "$FLAG_source" rev-parse --verify -q HEAD >/dev/null || usage_error "--source='$FLAG_source' is not a git checkout with a commit"
+  tarball=${TMPDIR:-/tmp}/stts-jax-$FLAG_name.tar.gz
+  run git -C "$FLAG_source" archive --format=tar.gz --prefix=stts-jax/ -o "$tarball" HEAD
+  run gcloud compute tpus tpu-vm scp "$tarball" "$FLAG_name:stts-jax.tar.gz" --worker=all "${LOCATION_ARGS[@]}"
+  fetch='rm -rf "$HOME/stts-jax" && tar -xzf "$HOME/stts-jax.tar.gz" -C "$HOME"'
+else
+  repo_q=$(quote "$FLAG_repo")
+  ref_q=$(quote "$ref")
+  fetch="rm -rf \"\$HOME/stts-jax\" && git clone -q $repo_q \"\$HOME/stts-jax\" && git -C \"\$HOME/stts-jax\" checkout -q $ref_q"
+fi
+
+# Runs on every worker (Ubuntu TPU VM images; Python 3.11 from the distribution's packages).
+remote="set -euo pipefail; \
+sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv git; \
+$fetch; \
+python3.11 -m venv \"\$HOME/stts-venv\"; \
+\"\$HOME/stts-venv/bin/pip\" install -q -U pip; \
+\"\$HOME/stts-venv/bin/pip\" install -q -e \"\$HOME/stts-jax\" 'jax[tpu]==0.10.2'; \
+\"\$HOME/stts-venv/bin/python\" -c 'import stts_jax, jax; print(\"installed jax\", jax.__version__)'"
+
+run gcloud compute tpus tpu-vm ssh "$FLAG_name" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"

@@ -1,0 +1,288 @@
+"""Ahead-of-time cost of one train step on a device mesh, from abstract shapes (no weights are allocated).
+
+The state is built exactly as the trainer builds it (`trainer.train`), but abstractly: the model with
+`nnx.eval_shape`, parameter shardings from the one logical-axis rules table (`sharding.state_shardings`),
+the optimizer from `optim.make_optimizer`, the optimizer state's shardings from compiling `optimizer.init`
+on the sharded abstract parameters (what `jax.jit(optimizer.init)(params)` gives the trainer), and the
+batch with the shardings of `trainer.host_batch_to_global`. The train step is `step.make_train_step`,
+lowered and compiled for the mesh's devices (simulated CPU devices, or a TPU topology description).
+
+What comes back (`StepEstimate`) is measured, per device: parameter and optimizer bytes from the sharded
+abstract arrays (exact: the shard shapes), argument / output / temporary bytes from XLA's memory analysis
+of the compiled step (temporaries = activations kept for the backward pass, gradients, workspace), and
+FLOPs from XLA's cost analysis. Derived: step time = FLOPs / (chips x peak x MFU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from stts_jax.config import grid_size, tokens_per_frame
+from stts_jax.model import pruning
+from stts_jax.model.vlm import Molmo2VLM
+from stts_jax.train import sharding
+from stts_jax.train.optim import make_optimizer
+from stts_jax.train.step import make_train_step, shardings_of
+
+TOPOLOGY_DIMS = {"v5p": 3, "v4": 3, "v5e": 2, "v6e": 2}  # 3-D torus or 2-D slices
+
+INT_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
+
+
+def topology_name(tpu: str, chips: int) -> str:
+    """Returns the topology of a slice of `chips` chips: power-of-two sides as even as possible, ascending, sides of
+    1 last (v5p: 4 -> 2x2x1, 8 -> 2x2x2, 64 -> 4x4x4, 256 -> 4x8x8; v5e/v6e: 8 -> 2x4, 256 -> 16x16)."""
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError(f"{chips} chips: TPU slices here are powers of two")
+    sides = [1] * TOPOLOGY_DIMS[tpu]
+    for i in range(chips.bit_length() - 1):
+        sides[i % len(sides)] *= 2
+    sides = sorted(s for s in sides if s > 1) + [s for s in sides if s == 1]
+    return f"{tpu}:" + "x".join(map(str, sides))
+
+
+def tokens_per_video(cfg: ml_collections.ConfigDict, text_tokens: int) -> int:
+    """Returns the LLM tokens of one video example: per frame 2 text + start + placeholders + end, plus text."""
+    st, t, w = cfg.model.stts, cfg.data.num_frames, tokens_per_frame(cfg.model)
+    counts = ([w] * t if st.method == "none"
+              else pruning.placeholder_counts(t, w, st.prune_ratio, st.prune_from_frame))
+    return sum(counts) + 4 * t + text_tokens
+
+
+def scale_batch(cfg: ml_collections.ConfigDict, data_parallel: int, *, global_batch: int, videos_per_device: int,
+                text_tokens: int, seq_multiple: int = 128) -> ml_collections.ConfigDict:
+    """Returns a copy of `cfg` whose batch fits `data_parallel` devices: one video per row.
+
+    Micro-batch = data_parallel * videos_per_device videos (rows); grad_accum = global_batch / micro-batch when
+    that divides, else 1 (the global batch becomes the micro-batch: per-device batch). seq_len = one video's
+    tokens (`tokens_per_video`) rounded up to `seq_multiple`.
+    """
+    cfg = cfg.copy_and_resolve_references()
+    micro = data_parallel * videos_per_device
+    accum = global_batch // micro if global_batch % micro == 0 and global_batch >= micro else 1
+    cfg.data.videos_per_batch = cfg.data.rows = micro
+    cfg.train.grad_accum = accum
+    cfg.data.seq_len = -(-tokens_per_video(cfg, text_tokens) // seq_multiple) * seq_multiple
+    return cfg
+
+
+def abstract_model(cfg: ml_collections.ConfigDict, *, pack_fallback: bool = True) -> Molmo2VLM:
+    """Returns the model with ShapeDtypeStruct parameters; `pack_fallback=False` keeps only the packed path."""
+    model = nnx.eval_shape(lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    model.pack_fallback = pack_fallback  # static attribute: lands in the graphdef
+    return model
+
+
+def with_shardings(tree, shardings):
+    """Returns ShapeDtypeStructs of `tree`'s leaves carrying the matching leaf of `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def opt_shardings_like_params(opt_state, params, mesh):
+    """Returns shardings for `opt_state`: a leaf whose path ends with a parameter's path (same shape) gets that
+    parameter's sharding (AdamW's mu / nu), every other leaf is replicated (counts)."""
+    by_path = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix, param in by_path.items():
+            if key.endswith(suffix) and tuple(param.shape) == tuple(leaf.shape):
+                return param.sharding
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback: bool = True,
+                         opt_state_sharding: str = "trainer"):
+    """Returns (graphdef, optimizer, state) with state = {params, opt_state, step} of sharded ShapeDtypeStructs.
+
+    Mirrors trainer.train: shard_model (logical rules), make_optimizer, init_state's jit(optimizer.init)
+    (`opt_state_sharding="trainer"`: whatever shardings that compiled init gives its outputs), or
+    "params": the optimizer state sharded like its parameters (`opt_shardings_like_params`).
+    """
+    model = abstract_model(cfg, pack_fallback=pack_fallback)
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = with_shardings(params, sharding.state_shardings(params, mesh))
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps, params)
+    opt_shape = jax.eval_shape(optimizer.init, params)
+    if opt_state_sharding == "trainer":
+        with jax.set_mesh(mesh):
+            opt_shardings = jax.jit(optimizer.init).lower(params).compile().output_shardings
+    elif opt_state_sharding == "params":
+        opt_shardings = opt_shardings_like_params(opt_shape, params, mesh)
+    else:
+        raise ValueError(f"opt_state_sharding must be 'trainer' or 'params', got {opt_state_sharding!r}")
+    opt_state = with_shardings(opt_shape, opt_shardings)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+    return graphdef, optimizer, dict(params=params, opt_state=opt_state, step=step)
+
+
+def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict:
+    """Returns the global batch [accum, ...] as sharded ShapeDtypeStructs, as trainer.host_batch_to_global makes it."""
+    data, accum = cfg.data, cfg.train.grad_accum
+    grid, w = grid_size(cfg.model), tokens_per_frame(cfg.model)
+    frames = data.videos_per_batch * data.num_frames
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    shapes = {k: ((accum, data.rows, data.seq_len), jnp.int32) for k in INT_KEYS}
+    shapes["pixel_values"] = ((accum, frames, grid * grid, cfg.model.vit.patch_size ** 2 * 3), jnp.float32)
+    out = {}
+    for key, (shape, dtype) in shapes.items():
+        spec = [None, ("data", "fsdp") if shape[1] % dp == 0 else None] + [None] * (len(shape) - 2)
+        out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
+    pool = cfg.model.adapter.pool_size
+    out["pooling_idx"] = jax.ShapeDtypeStruct((accum, frames * w, pool * pool), jnp.int32,
+                                              sharding=sharding.replicated(mesh))
+    return out
+
+
+def per_device_bytes(tree) -> dict[int, int]:
+    """Returns {device id: bytes that device holds} for a tree of sharded arrays or ShapeDtypeStructs."""
+    held: dict[int, int] = defaultdict(int)
+    for leaf in jax.tree.leaves(tree):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        for device, index in leaf.sharding.devices_indices_map(tuple(leaf.shape)).items():
+            shard = [len(range(*s.indices(d))) for s, d in zip(index, leaf.shape)]
+            held[device.id] += math.prod(shard) * itemsize
+    return dict(held)
+
+
+def actual_per_device_bytes(tree) -> dict[int, int]:
+    """Returns {device id: bytes} of the addressable shards of real jax.Arrays (the check of per_device_bytes)."""
+    held: dict[int, int] = defaultdict(int)
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] += shard.data.nbytes
+    return dict(held)
+
+
+@dataclasses.dataclass
+class StepEstimate:
+    """Per-device bytes and per-step FLOPs of one compiled train step (bytes are the max over devices)."""
+
+    chips: int
+    mesh: str
+    params_bytes: int  # sharded abstract parameters
+    opt_bytes: int  # sharded abstract optimizer state
+    batch_bytes: int  # one step's global batch, this device's share
+    argument_bytes: int | None  # compiled memory analysis: state + batch
+    output_bytes: int | None
+    alias_bytes: int | None  # outputs written into donated arguments
+    temp_bytes: int | None  # activations saved for backward, gradients, workspace (or what a refusal names)
+    peak_bytes: int | None  # argument + output - alias + temp
+    flops: float  # XLA cost analysis of the unpartitioned step: global batch, loop body counted once
+    flops_per_device_compiled: float | None  # cost analysis of the compiled per-device program (loop body once)
+    flops_update: float  # the optimizer update alone (outside the accumulation loop)
+    flops_step: float  # grad_accum * flops - (grad_accum - 1) * flops_update: every micro-batch counted
+    flops_packed: float | None = None  # `flops` of the packed path alone (no masked fallback in the lax.cond)
+    flops_packed_step: float | None = None
+    compile_s: float = 0.0
+    compile_error: str | None = None  # the compiler refused the program (TPU: does not fit in HBM)
+
+
+def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = True,
+                  opt_state_sharding: str = "trainer") -> StepEstimate:
+    """Returns the StepEstimate of `cfg`'s train step on `mesh` (lowered and compiled, nothing executed)."""
+    import time
+
+    t0 = time.perf_counter()
+    layout = pruning.FrameLayout.videos(*([cfg.data.num_frames] * cfg.data.videos_per_batch))
+    graphdef, optimizer, state = abstract_train_state(cfg, mesh, opt_state_sharding=opt_state_sharding)
+    batch = abstract_batch(cfg, mesh)
+    step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed, state_shardings=shardings_of(state))
+    with jax.set_mesh(mesh):
+        lowered = step_fn.lower(state, batch)
+        try:
+            compiled, error = lowered.compile(), None
+        except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that does not fit in HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, error = None, str(e).splitlines()[0]
+    flops_dev = _flops(compiled.cost_analysis()) if compiled is not None else None
+    # global FLOPs: XLA's cost analysis of the unpartitioned step, lowered for the host CPU without shardings
+    # (the lowering for a TPU topology has no cost analysis in jax 0.10.2)
+    flops = global_flops(graphdef, optimizer, layout, cfg, state, batch)
+    st = cfg.model.stts
+    flops_packed = None
+    if packed_flops and st.method != "none" and st.execution == "packed":
+        packed_graphdef = nnx.split(abstract_model(cfg, pack_fallback=False), nnx.Param)[0]
+        flops_packed = global_flops(packed_graphdef, optimizer, layout, cfg, state, batch)
+    update = update_flops(optimizer, state)
+    accum = cfg.train.grad_accum
+    per_step = lambda f: accum * f - (accum - 1) * update
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        sizes = dict(argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+                     alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes))
+        sizes["peak_bytes"] = (sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"]
+                               + sizes["temp_bytes"])
+    else:
+        sizes = dict(argument_bytes=None, output_bytes=None, alias_bytes=None, peak_bytes=None,
+                     temp_bytes=required_temp_bytes(error))
+    return StepEstimate(
+        chips=mesh.devices.size, mesh=sharding.describe(mesh),
+        params_bytes=max(per_device_bytes(state["params"]).values()),
+        opt_bytes=max(per_device_bytes(state["opt_state"]).values()),
+        batch_bytes=max(per_device_bytes(batch).values()),
+        **sizes, compile_error=error,
+        flops=flops, flops_per_device_compiled=flops_dev, flops_update=update, flops_step=per_step(flops),
+        flops_packed=flops_packed, flops_packed_step=None if flops_packed is None else per_step(flops_packed),
+        compile_s=time.perf_counter() - t0)
+
+
+def required_temp_bytes(error: str) -> int | None:
+    """Returns the temporaries a refused TPU compilation says it needed ("... HLO temporaries (1002.92G) ...")."""
+    import re
+
+    found = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", error or "")
+    if not found:
+        return None
+    scale = 1024 ** " KMGT".index(found.group(2) or " ")
+    return int(float(found.group(1)) * scale)
+
+
+def unsharded(tree):
+    """Returns ShapeDtypeStructs of `tree` without shardings (for a single-device lowering)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def global_flops(graphdef, optimizer, layout, cfg, state, batch) -> float:
+    """Returns XLA's FLOPs of the whole train step (global batch; the accumulation loop body counted once)."""
+    step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed)
+    lowered = step_fn.trace(unsharded(state), unsharded(batch)).lower(lowering_platforms=("cpu",))
+    return _flops(lowered.cost_analysis())
+
+
+def update_flops(optimizer, state) -> float:
+    """Returns XLA's FLOPs of what the train step does once per step after its accumulation loop."""
+    import optax
+
+    def tail(params, opt_state, grads):
+        grads = jax.tree.map(lambda g: g / 2, grads)
+        norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, norm
+
+    params, opt_state = unsharded(state["params"]), unsharded(state["opt_state"])
+    lowered = jax.jit(tail).trace(params, opt_state, params).lower(lowering_platforms=("cpu",))
+    return _flops(lowered.cost_analysis())
+
+
+def _flops(analysis) -> float:
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def step_seconds(flops: float, chips: int, peak_flops_per_chip: float, mfu: float) -> float:
+    """Returns the step time implied by `flops` on `chips` chips of `peak_flops_per_chip` at utilisation `mfu`."""
+    return flops / (chips * peak_flops_per_chip * mfu)

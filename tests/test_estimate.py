@@ -1,0 +1,108 @@
+"""launch/estimate.py's numbers: per-device bytes of the abstract sharded state equal the trainer's real arrays."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from stts_jax.train import estimate, sharding
+from stts_jax.train.inputs import random_micro_batch
+from stts_jax.train.optim import make_optimizer
+from stts_jax.train.step import init_state
+from stts_jax.train.trainer import build_model, host_batch_to_global
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+
+
+def tiny_cfg(method="scorer"):
+    import tiny_train
+
+    return tiny_train.get_config(method)
+
+
+def real_state(cfg, mesh):
+    """The trainer's state (trainer.train: build_model -> shard_model -> make_optimizer -> init_state)."""
+    with jax.set_mesh(mesh):
+        model = build_model(cfg)
+        sharding.shard_model(model, mesh)
+        optimizer = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
+        return init_state(model, optimizer)[1]
+
+
+@pytest.mark.parametrize("axes", [(1, 8, 1), (2, 2, 2)])
+def test_estimated_per_device_bytes_equal_the_sharded_arrays(axes):
+    cfg = tiny_cfg()
+    mesh = sharding.make_mesh(*axes)
+    real = real_state(cfg, mesh)
+    _, _, abstract = estimate.abstract_train_state(cfg, mesh)
+    for part in ("params", "opt_state"):
+        got = estimate.per_device_bytes(abstract[part])
+        want = estimate.actual_per_device_bytes(real[part])
+        assert got == want, (part, got, want)
+    # the check is not vacuous: parameters are sharded, so no device holds all of them
+    total = sum(x.nbytes for x in jax.tree.leaves(real["params"]))
+    held = estimate.per_device_bytes(abstract["params"])
+    assert len(held) == 8 and max(held.values()) < total
+    specs = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]
+    assert specs(abstract["params"]) == specs(real["params"])
+    assert specs(abstract["opt_state"]) == specs(real["opt_state"])
+    # the proposed fix: AdamW's mu and nu sharded like their parameters -> 2x the parameter bytes + step counts
+    _, _, fixed = estimate.abstract_train_state(cfg, mesh, opt_state_sharding="params")
+    params_held = estimate.per_device_bytes(fixed["params"])
+    for device, opt_held in estimate.per_device_bytes(fixed["opt_state"]).items():
+        assert 0 <= opt_held - 2 * params_held[device] <= 4 * 4 * 2, (device, opt_held, params_held[device])
+
+
+def test_abstract_batch_matches_the_trainers_global_batch():
+    cfg = tiny_cfg()
+    cfg.train.grad_accum = 2
+    mesh = sharding.make_mesh(2, 4, 1)
+    host = [random_micro_batch(cfg, i) for i in range(2)]
+    host = {k: np.stack([h[k] for h in host]) for k in host[0]}
+    with jax.set_mesh(mesh):
+        real = host_batch_to_global(host, mesh, cfg)
+    abstract = estimate.abstract_batch(cfg, mesh)
+    assert set(abstract) == set(real)
+    for key, value in real.items():
+        assert abstract[key].shape == value.shape and abstract[key].dtype == value.dtype, key
+        assert abstract[key].sharding.spec == value.sharding.spec, key
+
+
+def test_batch_scaling_and_closed_forms():
+    import molmo2_4b_stts
+
+    base = molmo2_4b_stts.get_config("none")
+    # unpruned: 81 placeholders + 4 layout/text tokens per frame, + 256 text tokens, rounded up to 128
+    cfg = estimate.scale_batch(base, 8, global_batch=64, videos_per_device=1, text_tokens=256)
+    assert (cfg.data.videos_per_batch, cfg.data.rows, cfg.train.grad_accum) == (8, 8, 8)
+    assert cfg.data.seq_len == -(-(64 * 85 + 256) // 128) * 128 == 5760
+    pruned = molmo2_4b_stts.get_config("scorer")
+    pruned.data.num_frames = 128
+    cfg = estimate.scale_batch(pruned, 256, global_batch=64, videos_per_device=1, text_tokens=256)
+    assert (cfg.data.videos_per_batch, cfg.train.grad_accum) == (256, 1)  # 64 does not split over 256
+    assert cfg.data.seq_len == -(-(81 * 128 - 81 * 64 + 4 * 128 + 256) // 128) * 128
+    assert base.data.seq_len == 9728  # the input config is left alone
+    assert estimate.topology_name("v5p", 4) == "v5p:2x2x1"
+    assert estimate.topology_name("v5p", 8) == "v5p:2x2x2"
+    assert estimate.topology_name("v5p", 64) == "v5p:4x4x4"
+    assert estimate.topology_name("v5p", 256) == "v5p:4x8x8"
+    assert estimate.topology_name("v5e", 256) == "v5e:16x16"
+    assert estimate.step_seconds(459e12 * 64 * 0.5, 64, 459e12, 0.5) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mesh=2,2"], "expected fsdp, config or D,F,T"),
+    (["--mesh=3,-1,1", "--chips=8"], "8 chips do not divide by 3"),
+    (["--chips=eight"], "expected integers"),
+    (["--platform=tpu", "--chips=48"], "not a power of two"),
+])
+def test_cli_refuses_bad_flags_before_compiling(args, message):
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run([sys.executable, "launch/estimate.py", "--config=configs/tiny_train.py", *args],
+                         capture_output=True, text=True, timeout=60, cwd=root)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]

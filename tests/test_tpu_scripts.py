@@ -1,0 +1,189 @@
+"""launch/tpu/*.sh: argument handling and the exact gcloud command lines (--dry_run; nothing reaches GCP).
+
+The remote command train.sh builds is also executed here, with a stub interpreter under a temporary $HOME, to
+check that every train flag arrives as one argument however it is quoted.
+"""
+
+import os
+import shlex
+import stat
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TPU = os.path.join(ROOT, "launch", "tpu")
+SLICE = ["--name=stts-4b", "--zone=us-east5-a", "--project=my-project"]
+LOCATION = ["--zone=us-east5-a", "--project=my-project"]
+
+
+# Every script runs with a `gcloud` first on PATH that refuses, so no test can reach a real gcloud.
+_NO_GCLOUD = tempfile.mkdtemp(prefix="no_gcloud_")
+with open(os.path.join(_NO_GCLOUD, "gcloud"), "w") as _f:
+    _f.write('#!/usr/bin/env bash\necho "test called the real gcloud: $*" >&2\nexit 97\n')
+os.chmod(os.path.join(_NO_GCLOUD, "gcloud"), 0o755)
+SAFE_ENV = dict(os.environ, PATH=f"{_NO_GCLOUD}:{os.environ['PATH']}")
+
+
+def script(name, *args, env=None):
+    return subprocess.run(["bash", os.path.join(TPU, name), *args], capture_output=True, text=True, timeout=30,
+                          env=env or SAFE_ENV, cwd=ROOT)
+
+
+def dry_run(name, *args) -> list[list[str]]:
+    """Returns the command lines a script prints with --dry_run, each split into argv."""
+    out = script(name, "--dry_run", *args)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines and all(line.startswith("+ ") for line in lines), out.stdout
+    return [shlex.split(line[2:]) for line in lines]
+
+
+def remote_command(argv: list[str]) -> str:
+    (command,) = [a for a in argv if a.startswith("--command=")]
+    return command[len("--command="):]
+
+
+def test_create_builds_the_gcloud_line():
+    (argv,) = dry_run("create.sh", *SLICE, "--tpu=v5p", "--chips=64", "--spot")
+    assert argv == ["gcloud", "compute", "tpus", "tpu-vm", "create", "stts-4b", *LOCATION,
+                    "--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5", "--spot"]
+    (argv,) = dry_run("create.sh", "--name", "pod", "--zone", "us-west4-a", "--accelerator", "v5litepod-64")
+    assert argv == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod", "--zone=us-west4-a",
+                    "--accelerator-type=v5litepod-64", "--version=v2-alpha-tpuv5-lite"]
+    (argv,) = dry_run("create.sh", *SLICE, "--tpu=v6e", "--chips=256", "--version=custom-runtime")
+    assert argv[-2:] == ["--accelerator-type=v6e-256", "--version=custom-runtime"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone=us-east5-a", "--tpu=v5p", "--chips=8"], "--name is required"),
+    (["--name=pod", "--tpu=v5p", "--chips=8"], "--zone is required"),
+    (["--name=Pod_1", "--zone=us-east5-a", "--tpu=v5p", "--chips=8"], "--name='Pod_1'"),
+    (["--name=pod", "--zone=useast", "--tpu=v5p", "--chips=8"], "--zone='useast'"),
+    (["--name=pod", "--zone=us-east5-a", "--tpu=v5p"], "--chips is required"),
+    (["--name=pod", "--zone=us-east5-a", "--tpu=v7", "--chips=8"], "--tpu='v7'"),
+    (["--name=pod", "--zone=us-east5-a", "--tpu=v5p", "--chips=eight"], "--chips='eight'"),
+    (["--name=pod", "--zone=us-east5-a", "--accelerator=v5p-8", "--chips=4"], "not both"),
+    (["--name=pod", "--zone=us-east5-a", "--accelerator=a100-8"], "--accelerator='a100-8'"),
+    (["--name=pod", "--zone=us-east5-a", "--accelerator=v5p-8", "--colour=red"], "unknown flag --colour"),
+    (["--name=pod", "--zone=us-east5-a", "--accelerator"], "--accelerator needs a value"),
+    (["--name=pod", "--zone=us-east5-a", "--accelerator=v5p-8", "--spot=maybe"], "--spot takes true or false"),
+    (["pod"], "unexpected argument 'pod'"),
+])
+def test_create_refuses_bad_arguments_with_usage(args, message):
+    out = script("create.sh", "--dry_run", *args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert message in out.stderr and "usage: launch/tpu/create.sh" in out.stderr, out.stderr
+
+
+def test_help_and_delete():
+    out = script("delete.sh", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: launch/tpu/delete.sh")
+    (argv,) = dry_run("delete.sh", *SLICE, "--yes")
+    assert argv == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "stts-4b", *LOCATION, "--quiet"]
+    (argv,) = dry_run("delete.sh", "--name=stts-4b", "--zone=us-east5-a")
+    assert argv == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "stts-4b", "--zone=us-east5-a"]
+    out = script("delete.sh", "--name=stts-4b", "--dry_run")
+    assert out.returncode == 2 and "--zone is required" in out.stderr
+
+
+def test_install_ships_the_checkout_or_clones_a_repo(tmp_path):
+    archive, scp, ssh = dry_run("install.sh", *SLICE, f"--source={ROOT}")
+    tarball = archive[archive.index("-o") + 1]
+    assert archive[:3] == ["git", "-C", ROOT] and archive[-1] == "HEAD" and "--prefix=stts-jax/" in archive
+    assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "stts-4b:stts-jax.tar.gz", "--worker=all",
+                   *LOCATION]
+    assert ssh[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "stts-4b", "--worker=all"]
+    remote = remote_command(ssh)
+    for step in ['tar -xzf "$HOME/stts-jax.tar.gz"', 'python3.11 -m venv "$HOME/stts-venv"',
+                 """pip" install -q -e "$HOME/stts-jax" 'jax[tpu]==0.10.2'"""]:
+        assert step in remote, remote
+    (ssh,) = dry_run("install.sh", *SLICE, "--repo=https://example.org/stts-jax.git", "--ref=v1.2")
+    assert 'git clone -q https://example.org/stts-jax.git "$HOME/stts-jax"' in remote_command(ssh)
+    assert "checkout -q v1.2" in remote_command(ssh)
+    for args, message in [([], "give --repo=URL or --source=DIR"),
+                          (["--repo=x", f"--source={ROOT}"], "not both"),
+                          ([f"--source={tmp_path}"], "not a git checkout"),
+                          (["--repo=x", "--ref=a;rm"], "--ref='a;rm'")]:
+        out = script("install.sh", "--dry_run", *SLICE, *args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+
+
+def fake_home(tmp_path):
+    """A $HOME with stts-jax/ and a stub stts-venv/bin/python that records its arguments, one per line."""
+    home = tmp_path / "home"
+    (home / "stts-jax").mkdir(parents=True)
+    python = home / "stts-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$@" > "$HOME/argv.tmp"\n'
+                      'mv "$HOME/argv.tmp" "$HOME/argv"\necho training\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    return home
+
+
+TRAIN = [*SLICE, "--config=configs/molmo2_4b_stts.py:scorer", "--workdir=gs://my-bucket/runs/stts-4b"]
+EXTRA = ["--config.data.path=/data/video qa", "--config.train.init_from=/data/Molmo2-4B", "--config.optim.lr_llm=2e-5",
+         "--config.train.steps=it's"]
+
+
+def test_train_starts_the_trainer_on_every_worker_with_exact_arguments(tmp_path):
+    home = fake_home(tmp_path)
+    want = [str(home / "stts-jax"), "launch/train.py", "--config=configs/molmo2_4b_stts.py:scorer",
+            "--workdir=gs://my-bucket/runs/stts-4b", "--multihost", *EXTRA]
+    env = dict(SAFE_ENV, HOME=str(home))
+    # attached: the remote command runs the trainer in the foreground
+    (ssh,) = dry_run("train.sh", *TRAIN, "--foreground", "--", *EXTRA)
+    assert ssh[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "stts-4b", "--worker=all"]
+    assert ssh[7:9] == LOCATION
+    out = subprocess.run(["bash", "-c", remote_command(ssh)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == "training\n", out.stderr
+    assert (home / "argv").read_text().splitlines() == want
+    # detached (default): setsid nohup in the background, output to the log, the ssh returns at once
+    (home / "argv").unlink()
+    (ssh,) = dry_run("train.sh", *TRAIN, "--log=/tmp/x y/train.log", "--", *EXTRA)
+    assert "setsid nohup" in remote_command(ssh) and "> '/tmp/x y/train.log'" in remote_command(ssh)
+    (ssh,) = dry_run("train.sh", *TRAIN, "--", *EXTRA)
+    out = subprocess.run(["bash", "-c", remote_command(ssh)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("started on "), out.stderr
+    deadline = time.time() + 20
+    while not (home / "argv").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (home / "argv").read_text().splitlines() == want
+    deadline = time.time() + 20
+    while "training" not in (home / "stts-train.log").read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (home / "stts-train.log").read_text() == "training\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (SLICE + ["--workdir=gs://my-bucket/x"], "--config is required"),
+    (SLICE + ["--config=configs/tiny_train.py"], "--workdir is required"),
+    (SLICE + ["--config=configs/tiny_train.py", "--workdir=/local/dir"], "must be a bucket path"),
+    (SLICE + ["--config=configs/nope.py:x", "--workdir=gs://my-bucket/x"], "configs/nope.py is not a config file"),
+    (TRAIN + ["--", "--workdir=gs://other/x"], "is set by train.sh"),
+    (TRAIN + ["--", "--multihost=false"], "is set by train.sh"),
+    (TRAIN + ["--", "steps=3"], "must look like --name=value"),
+])
+def test_train_refuses_bad_arguments(args, message):
+    out = script("train.sh", "--dry_run", *args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_without_dry_run_the_same_commands_run(tmp_path):
+    """A stub `gcloud` first on PATH records what the scripts really execute."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$GCLOUD_LOG"\nprintf "\\n" >> "$GCLOUD_LOG"\n')
+    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "gcloud.log"
+    env = dict(SAFE_ENV, PATH=f"{bin_dir}:{SAFE_ENV['PATH']}", GCLOUD_LOG=str(log))
+    for name, args in [("create.sh", [*SLICE, "--tpu=v5p", "--chips=8"]), ("train.sh", TRAIN + ["--", *EXTRA]),
+                       ("delete.sh", [*SLICE, "--yes"])]:
+        log.write_text("")
+        out = script(name, *args, env=env)
+        assert out.returncode == 0, out.stderr
+        ran = [line.split("\0")[:-1] for line in log.read_text().splitlines()]
+        assert ran == [argv[1:] for argv in dry_run(name, *args)], name
