@@ -92,3 +92,26 @@ def test_bad_input_is_refused_before_compiling(tmp_path):
     with pytest.raises(IncompatibleCheckpoint, match=r"model\.llm\.mlp_dim: checkpoint 96 vs config 128"):
         train(other, str(tmp_path / "w3"))
     assert time.perf_counter() - t0 < 5  # refused before building or compiling anything
+
+
+def test_fsdp_fill_mesh_and_optimizer_state_sharded_like_params():
+    import jax
+    from flax import nnx
+
+    from stts_jax.model.vlm import Molmo2VLM
+    from stts_jax.train import sharding as sh
+    from stts_jax.train.optim import make_optimizer
+    from stts_jax.train.step import init_state
+
+    mesh = sh.make_mesh(data=1, fsdp=-1, tensor=2)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    cfg = tiny_cfg()
+    with jax.set_mesh(mesh):
+        model = sh.shard_model(Molmo2VLM(cfg.model, rngs=nnx.Rngs(0)), mesh)
+        optimizer = make_optimizer(cfg.optim, 10, nnx.state(model, nnx.Param))
+        _, state = init_state(model, optimizer)
+    kernel = state["params"]["llm"]["layers"][0]["gate"]["kernel"]
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+          if "'layers'][0]['gate']['kernel']" in jax.tree_util.keystr(path).replace(".", "")]
+    assert len(mu) >= 2 and all(m.sharding.is_equivalent_to(kernel.sharding, m.ndim) for m in mu)
+    assert not kernel.sharding.is_fully_replicated

@@ -9,20 +9,26 @@ lowered and compiled for the mesh's devices (simulated CPU devices, or a TPU top
 
 What comes back (`StepEstimate`) is measured, per device: parameter and optimizer bytes from the sharded
 abstract arrays (exact: the shard shapes), argument / output / temporary bytes from XLA's memory analysis
-of the compiled step (temporaries = activations kept for the backward pass, gradients, workspace), and
-FLOPs from XLA's cost analysis. Derived: step time = FLOPs / (chips x peak x MFU).
+of the compiled step (temporaries = activations kept for the backward pass, gradients, workspace; when
+XLA:TPU refuses a program that does not fit in HBM, the temporaries its error names), and FLOPs from XLA's
+cost analysis of the unpartitioned step (lowered for the host CPU without shardings: the whole global batch)
+plus the compiled per-device count. Derived: FLOPs of a step with grad_accum = a (XLA counts a loop body
+once) and the step time = FLOPs / (chips x peak x MFU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import time
 from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -88,18 +94,8 @@ def with_shardings(tree, shardings):
 
 
 def opt_shardings_like_params(opt_state, params, mesh):
-    """Returns shardings for `opt_state`: a leaf whose path ends with a parameter's path (same shape) gets that
-    parameter's sharding (AdamW's mu / nu), every other leaf is replicated (counts)."""
-    by_path = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-
-    def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for suffix, param in by_path.items():
-            if key.endswith(suffix) and tuple(param.shape) == tuple(leaf.shape):
-                return param.sharding
-        return sharding.replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, opt_state)
+    """Returns shardings for `opt_state` like its parameters (see sharding.like_params)."""
+    return sharding.like_params(opt_state, params, mesh)
 
 
 def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback: bool = True,
@@ -115,11 +111,8 @@ def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback:
     params = with_shardings(params, sharding.state_shardings(params, mesh))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, params)
     opt_shape = jax.eval_shape(optimizer.init, params)
-    if opt_state_sharding == "trainer":
-        with jax.set_mesh(mesh):
-            opt_shardings = jax.jit(optimizer.init).lower(params).compile().output_shardings
-    elif opt_state_sharding == "params":
-        opt_shardings = opt_shardings_like_params(opt_shape, params, mesh)
+    if opt_state_sharding in ("trainer", "params"):  # the trainer's init_state shards AdamW moments like params
+        opt_shardings = sharding.like_params(opt_shape, params, mesh)
     else:
         raise ValueError(f"opt_state_sharding must be 'trainer' or 'params', got {opt_state_sharding!r}")
     opt_state = with_shardings(opt_shape, opt_shardings)
@@ -192,8 +185,6 @@ class StepEstimate:
 def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = True,
                   opt_state_sharding: str = "trainer") -> StepEstimate:
     """Returns the StepEstimate of `cfg`'s train step on `mesh` (lowered and compiled, nothing executed)."""
-    import time
-
     t0 = time.perf_counter()
     layout = pruning.FrameLayout.videos(*([cfg.data.num_frames] * cfg.data.videos_per_batch))
     graphdef, optimizer, state = abstract_train_state(cfg, mesh, opt_state_sharding=opt_state_sharding)
@@ -241,8 +232,6 @@ def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = 
 
 def required_temp_bytes(error: str) -> int | None:
     """Returns the temporaries a refused TPU compilation says it needed ("... HLO temporaries (1002.92G) ...")."""
-    import re
-
     found = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", error or "")
     if not found:
         return None
@@ -264,8 +253,6 @@ def global_flops(graphdef, optimizer, layout, cfg, state, batch) -> float:
 
 def update_flops(optimizer, state) -> float:
     """Returns XLA's FLOPs of what the train step does once per step after its accumulation loop."""
-    import optax
-
     def tail(params, opt_state, grads):
         grads = jax.tree.map(lambda g: g / 2, grads)
         norm = optax.tree.norm(grads)

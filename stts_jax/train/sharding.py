@@ -30,16 +30,20 @@ LOGICAL_RULES: Mapping[str, tuple[str, ...]] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Returns a (data, fsdp, tensor) mesh (Auto axes: XLA propagates shardings); data=-1 takes the rest."""
+    """Returns a (data, fsdp, tensor) mesh (Auto axes: XLA propagates shardings); one axis may be -1 = the rest."""
     devices = list(devices if devices is not None else jax.devices())
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor={fsdp * tensor}")
-        data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor > len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {data}*{fsdp}*{tensor} > {len(devices)} devices")
-    devices = devices[: data * fsdp * tensor]  # an explicit smaller mesh uses the first devices
-    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if len(devices) % rest:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {rest}")
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if math.prod(sizes) > len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} > {len(devices)} devices")
+    devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -76,6 +80,21 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     for _, var in nnx.to_flat_state(nnx.state(model)):
         var.set_value(jax.device_put(var[...], variable_sharding(var, mesh)))
     return model
+
+
+def like_params(tree, params, mesh: Mesh):
+    """Returns shardings for `tree` (e.g. AdamW state): a leaf whose path ends with a parameter's path and has its
+    shape gets that parameter's sharding (mu / nu), every other leaf (counts) is replicated."""
+    by_path = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix, param in by_path.items():
+            if key.endswith(suffix) and tuple(param.shape) == tuple(leaf.shape):
+                return param.sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -11,12 +11,18 @@ from flax import nnx
 
 from stts_jax.model.pruning import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM, total_loss
+from stts_jax.train import sharding
 
 
 def init_state(model: Molmo2VLM, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict]:
     """Returns (graphdef, state) with state = {params, opt_state, step}; optimizer state follows param shardings."""
     graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_shape = jax.eval_shape(optimizer.init, params)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh if hasattr(jax.tree.leaves(params)[0].sharding, "mesh") else None
+    if mesh is not None:  # AdamW moments sharded like their parameters (jit alone would replicate them)
+        opt_state = jax.jit(optimizer.init, out_shardings=sharding.like_params(opt_shape, params, mesh))(params)
+    else:
+        opt_state = jax.jit(optimizer.init)(params)
     return graphdef, dict(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
 
