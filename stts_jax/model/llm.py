@@ -54,7 +54,8 @@ class DecoderLayer(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = llm.num_heads, llm.num_kv_heads, hd
         self.per_head_qk_norm, self.norm_after = per_head, llm.norm_after
 
-    def _attention(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns q [B, L, H, d], k, v [B, L, Hkv, d]: projected, qk-normed, q and k rotated."""
         q, k, v = self.q(x), self.k(x), self.v(x)
         if not self.per_head_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -64,6 +65,10 @@ class DecoderLayer(nnx.Module):
         if self.per_head_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        return q, k, v
+
+    def _attention(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        q, k, v = self._project_qkv(x, positions)
         out = dot_product_attention(q, k, v, mask=mask)
         return self.o(out.reshape(*out.shape[:-2], -1))
 
@@ -81,15 +86,7 @@ class DecoderLayer(nnx.Module):
     def _cached_attention(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: tuple,
                           index) -> tuple[jax.Array, tuple]:
         """Returns (attention output, (k, v) cache with x's keys/values written at slots index..index+Lq-1)."""
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        if not self.per_head_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.reshape(*q.shape[:-1], self.num_heads, self.head_dim)
-        k = k.reshape(*k.shape[:-1], self.num_kv_heads, self.head_dim)
-        v = v.reshape(*v.shape[:-1], self.num_kv_heads, self.head_dim)
-        if self.per_head_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+        q, k, v = self._project_qkv(x, positions)
         cache_k, cache_v = cache
         start = (0, index, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
