@@ -28,17 +28,22 @@ _SIZE = flags.DEFINE_integer("size", 128, "Frame side in pixels (even).")
 _FRAMES = flags.DEFINE_integer("frames", 64, "Frames per clip.")
 _FPS = flags.DEFINE_integer("fps", 8, "Frames per second.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes writing clips.")
+_RADIUS = flags.DEFINE_integer("object_radius", 7, "Object radius in pixels.")
+_EVENT = flags.DEFINE_integer("event_frames", 5, "Shortest flash / gap / time between appearances, in frames.")
+_KINDS = flags.DEFINE_list("kinds", list(synthetic.QUESTION_KINDS), "Question kinds asked of every clip.")
+_FIXED = flags.DEFINE_bool("fixed_options", False, "Options in a fixed order (an easier task) instead of shuffled.")
 _TOKENS = flags.DEFINE_enum("tokens", "tiny", ["tiny", "molmo2"], "Special-token ids of the tokenizer.")
 
 
 def main(argv):
     del argv
     start = time.perf_counter()
-    spec = synthetic.ClipSpec(size=_SIZE.value, num_frames=_FRAMES.value, fps=_FPS.value)
+    spec = synthetic.ClipSpec(size=_SIZE.value, num_frames=_FRAMES.value, fps=_FPS.value, event_frames=_EVENT.value,
+                              object_radius=_RADIUS.value, shuffle_options=not _FIXED.value)
     tokens = dict(tiny_model_config().tokens) if _TOKENS.value == "tiny" else dict(MOLMO2_TOKENS)
     records = synthetic.write_benchmark(_OUT.value, _NUM.value, spec, seed=_SEED.value,
                                         validation_clips=_VAL.value, tokens=tokens, workers=_WORKERS.value,
-                                        progress=True)
+                                        progress=True, kinds=_KINDS.value)
     print(f"wrote {_NUM.value + _VAL.value} clips ({len(records['train'])} training / "
           f"{len(records['validation'])} validation questions) to {_OUT.value} in "
           f"{time.perf_counter() - start:.1f} s; tokenizer.json has {_TOKENS.value} special-token ids")

@@ -360,7 +360,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict):
     """Returns the checkpointable Grain iterator of host micro-batches the trainer consumes (`data.kind="video"`).
 
     Maps the training config's data section (path, num_frames, videos_per_batch and rows over all hosts,
-    seq_len, workers, shuffle_seed, on_bad_video; optional tokenizer) onto `data_config`, repeats the data
+    seq_len, workers, shuffle_seed, on_bad_video; optional tokenizer and max_fps) onto `data_config`, repeats the data
     forever and keeps the trainer's batch keys (TRAIN_KEYS).
     """
     d = cfg.data
@@ -370,7 +370,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict):
     data = data_config(data_dir=d.path, split=d.get("split", "train"), tokenizer=find_tokenizer(d),
                        num_frames=d.num_frames, seq_len=d.seq_len, rows=d.rows,
                        videos_per_row=d.videos_per_batch // d.rows, seed=d.shuffle_seed, num_epochs=None,
-                       num_workers=d.workers, on_error=d.on_bad_video)
+                       num_workers=d.workers, on_error=d.on_bad_video, max_fps=d.get("max_fps", 2.0))
     p = make_pipeline(data, cfg.model)
     p.dataset = p.dataset.map(_train_keys)
     return iter(p)

@@ -95,6 +95,7 @@ class ClipSpec:
     fps: int = 8
     event_frames: int = 5  # shortest flash / gap / time between appearances, in frames
     object_radius: int = 7
+    shuffle_options: bool = True  # False: options in a fixed order (directions, counts 1-4, ...): an easier task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +204,9 @@ def make_clip(seed: int, spec: ClipSpec = ClipSpec()) -> tuple[np.ndarray, list[
         frames[i][_shape_mask(shapes[0], s, cy, cx, r)] = COLOURS[colours[0]]
 
     def mc(kind, text, options, answer):
-        order = rng.permutation(len(options))
-        options = [options[j] for j in order]
+        if spec.shuffle_options:
+            order = rng.permutation(len(options))
+            options = [options[j] for j in order]
         return Question(kind, text, tuple(options), options.index(answer))
 
     later = appearer if appear_at > first_flash else flasher
@@ -220,6 +222,46 @@ def make_clip(seed: int, spec: ClipSpec = ClipSpec()) -> tuple[np.ndarray, list[
     return frames, questions, scene
 
 
+FLASH_COLOURS = ("red", "green", "blue", "yellow")  # the options of "flash_colour"
+DISTRACTOR_COLOURS = ("purple", "white")
+QUESTION_TEXT["flash_colour"] = "What colour is the object that flashes?"
+
+
+def make_flash_clip(seed: int, spec: ClipSpec = ClipSpec()) -> tuple[np.ndarray, list[Question], dict]:
+    """Returns (frames, [the "flash_colour" Question], scene) of a transient-event clip for `seed`.
+
+    Over a static textured background, two static distractors (purple and white, present in every frame) and
+    one object of an option colour (red / green / blue / yellow) that is visible only during one flash of
+    `event_frames` frames. The answer is seen in a few frames and one 3x3 window: a sampler that takes a
+    frame at least every `event_frames` frames sees it, and a pruner that drops that window misses it. A
+    temporal scorer keeps it (it is the only change), a random one keeps it with probability 1 - ratio.
+    """
+    rng = np.random.default_rng(seed)
+    s, t, r = spec.size, spec.num_frames, spec.object_radius
+    e = max(1, min(spec.event_frames, t // 4))
+    background = _texture(rng, s)
+    colour = FLASH_COLOURS[int(rng.integers(len(FLASH_COLOURS)))]
+    shapes = rng.choice(SHAPES, size=3, replace=True)
+    pad = r + 2
+    while True:  # three non-overlapping objects
+        centres = [rng.integers(pad, s - pad, size=2).astype(float) for _ in range(3)]
+        boxes = [(y - r, x - r, y + r, x + r) for y, x in centres]
+        if not any(_boxes_overlap(boxes[i], boxes[j], 4) for i in range(3) for j in range(i + 1, 3)):
+            break
+    start = int(rng.integers(e, t - e))
+    frames = np.repeat(background[None], t, axis=0)
+    for (cy, cx), shape, name in zip(centres[1:], shapes[1:], DISTRACTOR_COLOURS):
+        frames[:, _shape_mask(shape, s, cy, cx, r)] = COLOURS[name]
+    frames[start: start + e, _shape_mask(shapes[0], s, centres[0][0], centres[0][1], r)] = COLOURS[colour]
+    options = list(FLASH_COLOURS)
+    if spec.shuffle_options:
+        options = [options[j] for j in rng.permutation(len(options))]
+    question = Question("flash_colour", QUESTION_TEXT["flash_colour"], tuple(options), options.index(colour))
+    scene = dict(flasher=f"{colour} {shapes[0]}", flash=[start, start + e], centre=[float(v) for v in centres[0]],
+                 distractors=[f"{c} {sh}" for c, sh in zip(DISTRACTOR_COLOURS, shapes[1:])])
+    return frames, [question], scene
+
+
 def benchmark_words() -> list[str]:
     """Returns every word / punctuation run the benchmark's questions and answers can contain."""
     from stts_jax.data.processor import MC_INSTRUCTION, OPTION_LETTERS
@@ -232,8 +274,13 @@ def benchmark_words() -> list[str]:
 
 def write_clip(out_dir: str, index: int, seed: int, spec: ClipSpec = ClipSpec(),
                kinds: Sequence[str] = QUESTION_KINDS) -> list[dict]:
-    """Writes videos/clip_{index:06d}.mp4 under out_dir; returns its JSONL records (one per question kind)."""
-    frames, questions, scene = make_clip(seed, spec)
+    """Writes videos/clip_{index:06d}.mp4 under out_dir; returns its JSONL records (one per question kind).
+
+    kinds ("flash_colour",) writes a transient-event clip (`make_flash_clip`), any other kinds a `make_clip` one.
+    """
+    if "flash_colour" in kinds and len(kinds) > 1:
+        raise ValueError("kind 'flash_colour' has clips of its own: ask it alone")
+    frames, questions, scene = (make_flash_clip if "flash_colour" in kinds else make_clip)(seed, spec)
     rel = os.path.join("videos", f"clip_{index:06d}.mp4")
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     write_mp4(os.path.join(out_dir, rel), frames, fps=spec.fps, codec="libx264")
@@ -268,10 +315,11 @@ def window_redundancy(pixels: np.ndarray, grid: int, pool: int, threshold: float
 
 
 def write_benchmark(out_dir: str, num_clips: int, spec: ClipSpec = ClipSpec(), *, seed: int = 0,
-                    validation_clips: int = 0, tokens=None, workers: int = 1, progress: bool = False) -> dict:
+                    validation_clips: int = 0, tokens=None, workers: int = 1, progress: bool = False,
+                    kinds: Sequence[str] = QUESTION_KINDS) -> dict:
     """Writes clips, train.jsonl (+ validation.jsonl) and tokenizer.json under out_dir (a `video_qa` manual dir).
 
-    Clip i uses seed * 1_000_003 + i. `tokens` are the model config's special-token ids for the word-level
+    Clip i uses seed * 1_000_003 + i; `kinds` picks the question kinds asked of every clip. `tokens` are the model config's special-token ids for the word-level
     tokenizer (default: the tiny config's). Returns {"train": records, "validation": records}.
     """
     import multiprocessing
@@ -280,7 +328,10 @@ def write_benchmark(out_dir: str, num_clips: int, spec: ClipSpec = ClipSpec(), *
 
     os.makedirs(out_dir, exist_ok=True)
     total = num_clips + validation_clips
-    jobs = [(out_dir, i, seed * 1_000_003 + i, spec) for i in range(total)]
+    unknown = sorted(set(kinds) - set(QUESTION_KINDS) - {"flash_colour"})
+    if unknown or not kinds:
+        raise ValueError(f"question kinds {unknown or list(kinds)} are not among {QUESTION_KINDS + ('flash_colour',)}")
+    jobs = [(out_dir, i, seed * 1_000_003 + i, spec, tuple(kinds)) for i in range(total)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -314,5 +365,5 @@ def write_benchmark(out_dir: str, num_clips: int, spec: ClipSpec = ClipSpec(), *
 
 
 def _write_job(args):
-    out_dir, index, seed, spec = args
-    return write_clip(out_dir, index, seed, spec)
+    out_dir, index, seed, spec, kinds = args
+    return write_clip(out_dir, index, seed, spec, kinds)

@@ -97,6 +97,16 @@ def train_step_dir(path: str, step: int | None = None) -> str:
     return os.path.join(root, str(step))
 
 
+def saved_train_config(path: str, step: int | None = None) -> dict:
+    """Returns the training config (a plain dict) saved with a trainer checkpoint (latest step unless given)."""
+    step_dir = train_step_dir(path, step)
+    cfg_file = os.path.join(step_dir, "config", "metadata")
+    if not os.path.exists(cfg_file):
+        raise ParamsCheckpointError(f"{step_dir}: the checkpoint has no config item ({cfg_file})")
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
 def load_train_checkpoint(path: str, step: int | None = None):
     """Returns (model, step) holding the parameters of a trainer checkpoint (latest step unless given)."""
     import orbax.checkpoint as ocp
@@ -104,13 +114,9 @@ def load_train_checkpoint(path: str, step: int | None = None):
     from stts_jax.model.vlm import Molmo2VLM
 
     step_dir = train_step_dir(path, step)
-    cfg_file = os.path.join(step_dir, "config", "metadata")
-    if not os.path.exists(cfg_file):
-        raise ParamsCheckpointError(f"{step_dir}: the checkpoint has no config item ({cfg_file})")
-    with open(cfg_file) as f:
-        saved = json.load(f)
+    saved = saved_train_config(step_dir)
     if "model" not in saved:
-        raise ParamsCheckpointError(f"{cfg_file}: config field `model` is missing")
+        raise ParamsCheckpointError(f"{step_dir}: the saved config has no field `model`")
     cfg = config_from_dict(saved["model"], error=ParamsCheckpointError)
     abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -143,3 +149,41 @@ def load_model(path: str, cfg: ml_collections.ConfigDict | None = None):
         raise ParamsCheckpointError("the model holds non-parameter state, which a params checkpoint does not store")
     params = load_params(os.path.join(path, STATE_DIR), abstract_params)
     return nnx.merge(graphdef, params, rest)
+
+
+def is_train_workdir(path: str) -> bool:
+    """Returns whether `path` holds trainer checkpoints (a workdir, its checkpoints/ or one step directory)."""
+    try:
+        train_step_dir(path)
+        return True
+    except ParamsCheckpointError:
+        return False
+
+
+def transplant(model, cfg: ml_collections.ConfigDict, *, seed: int = 0, fresh: tuple[str, ...] = ()):
+    """Returns (a model of config `cfg` holding `model`'s weights, the paths initialised fresh).
+
+    Every parameter of the new model is taken from `model` by path and must have the same shape; parameters
+    `model` lacks are initialised from `seed` if their top-level module is in `fresh` (e.g. ("scorer",) to
+    start STTS from an unpruned model), else ParamsCheckpointError names them. Weights are shared, not copied.
+    """
+    from stts_jax.model.vlm import Molmo2VLM
+
+    target = Molmo2VLM(cfg, rngs=nnx.Rngs(seed)) if fresh else nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(target)
+    source = dict(nnx.to_flat_state(nnx.state(model)))
+    flat, new = [], []
+    for path, var in nnx.to_flat_state(state):
+        name = "/".join(map(str, path))
+        if path in source:
+            if source[path].get_value().shape != var.get_value().shape:
+                raise ParamsCheckpointError(f"{name}: shape {source[path].get_value().shape} in the source model, "
+                                            f"{var.get_value().shape} in the target config")
+            flat.append((path, source[path]))
+        elif path[0] in fresh:
+            flat.append((path, var))
+            new.append(name)
+        else:
+            raise ParamsCheckpointError(f"the source model has no {name} (its stts.method is "
+                                        f"{model.cfg.stts.method!r})")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), new

@@ -61,8 +61,33 @@ def frame_layout(cfg: ml_collections.ConfigDict) -> FrameLayout:
     return FrameLayout.videos(*([cfg.data.num_frames] * cfg.data.videos_per_batch))
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> Molmo2VLM:
-    """Returns the model: imported from `train.init_from` (scorer fresh) or initialised from scratch."""
+def load_own_init(cfg: ml_collections.ConfigDict) -> Molmo2VLM | None:
+    """Returns the model of `train.init_from` if it is this project's own weights (a training workdir's latest
+    checkpoint or a params checkpoint), with cfg.model's STTS setup (scorer fresh); else None.
+
+    Call it outside any mesh context (the checkpoint is restored on one device, then sharded).
+    """
+    from stts_jax.interop import params_io
+
+    path = cfg.train.init_from
+    if not path:
+        return None
+    if params_io.is_params_checkpoint(path):
+        own = params_io.load_model(path)
+    elif params_io.is_train_workdir(path):
+        own = params_io.load_train_checkpoint(path)[0]
+    else:
+        return None
+    model, fresh = params_io.transplant(own, cfg.model, seed=cfg.train.seed, fresh=("scorer",))
+    logging.info("initialised from %s; fresh: %s", path, fresh)
+    return model
+
+
+def build_model(cfg: ml_collections.ConfigDict, own: Molmo2VLM | None = None) -> Molmo2VLM:
+    """Returns the model: `own` weights (load_own_init), a Molmo2 checkpoint in `train.init_from` (scorer
+    fresh), or initialised from scratch."""
+    if own is not None:
+        return own
     if cfg.train.init_from:
         from stts_jax.interop.hf_import import load_molmo2
 
@@ -109,11 +134,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     logging.info("mesh: %s", sharding.describe(mesh))
     layout = frame_layout(cfg)
+    own = load_own_init(cfg)
     with jax.set_mesh(mesh):
         # ---- input
         source = inputs.make_input(cfg)
         # ---- model, optimizer, sharded state
-        model = build_model(cfg)
+        model = build_model(cfg, own)
+        del own
         sharding.shard_model(model, mesh)
         optimizer = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
         graphdef, state = init_state(model, optimizer)

@@ -1,0 +1,123 @@
+"""Multiple-choice accuracy of trained checkpoints, per question kind, for STTS methods, ratios and frame counts.
+
+  python launch/eval.py --checkpoint=demo_out/runs/stts_0.5 --data_dir=demo_out/data/tfds \\
+      --methods=none,scorer,random --ratios=0.5,0.8 --frames=8,16 [--split=validation] [--csv=eval.csv]
+
+--checkpoint is a training workdir (its latest Orbax checkpoint) or a params checkpoint; several may be given
+(comma-separated). For each, every (method, ratio, frames) setting is evaluated: `none` runs unpruned, `scorer`
+keeps the learned top-(1-ratio) windows per frame (needs a checkpoint trained with the scorer), `random`
+keeps random ones. Each example is one video + question with lettered options; the prediction is the option
+whose letter has the largest logit at the answer position. Test-time scaling: --frames larger than the
+training's (e.g. 2x frames at ratio 0.5 = the unpruned token budget); --max_fps caps the sampling rate
+(Molmo2: 2 fps; scale it with the frames, e.g. 4 for 2x frames of short clips). Prints a table of accuracy and
+vision tokens per example side by side, and writes one CSV row per (checkpoint, setting, question kind).
+"""
+
+import csv
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+_CHECKPOINT = flags.DEFINE_list("checkpoint", None, "Training workdir(s) or params checkpoint(s).", required=True)
+_DATA = flags.DEFINE_string("data_dir", None, "Prepared video_qa tfds dir (launch/prepare_data.py).", required=True)
+_SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: in --data_dir or its parents).")
+_METHODS = flags.DEFINE_list("methods", ["none", "scorer", "random"], "STTS methods: none | scorer | random.")
+_RATIOS = flags.DEFINE_list("ratios", ["0.5"], "Prune ratios for scorer / random.")
+_FRAMES = flags.DEFINE_list("frames", None, "Frames per video (default: the checkpoint's training frames).")
+_MAX_FPS = flags.DEFINE_float("max_fps", 2.0, "Sampling-rate cap (frames per second of video); 0 = none.")
+_ROWS = flags.DEFINE_integer("rows", 8, "Examples per batch.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate at most this many examples (0 = all).")
+_CSV = flags.DEFINE_string("csv", None, "Append the rows to this CSV (written with a header if new).")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Returns a markdown table of the "all" rows: checkpoint, method, ratio, frames, tokens, accuracy per kind."""
+    kinds = sorted({r["kind"] for r in rows if r["kind"] != "all"})
+    head = ["run", "method", "ratio", "frames", "vision tokens / example", "accuracy"] + kinds
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_setting = {}
+    for r in rows:
+        by_setting.setdefault((r["run"], r["method"], r["ratio"], r["frames"]), {})[r["kind"]] = r
+    for (run, method, ratio, frames), per_kind in by_setting.items():
+        a = per_kind["all"]
+        cells = [run, method, f"{ratio:g}" if method != "none" else "-", str(frames),
+                 f"{a['vision_tokens']} / {a['vision_tokens_unpruned']}", f"{100 * a['accuracy']:.1f}"]
+        cells += [f"{100 * per_kind[k]['accuracy']:.1f}" if k in per_kind else "-" for k in kinds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Appends rows (evaluate.CSV_FIELDS) to `path`, writing the header if the file is new."""
+    from stts_jax.train.evaluate import CSV_FIELDS
+
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def load(path: str):
+    """Returns the model of a training workdir or params checkpoint, and its training frame count."""
+    from stts_jax.interop import params_io
+
+    if params_io.is_params_checkpoint(path):
+        return params_io.load_model(path), None
+    model, step = params_io.load_train_checkpoint(path)
+    frames = params_io.saved_train_config(path).get("data", {}).get("num_frames")
+    logging.info("%s: step %d", path, step)
+    return model, frames
+
+
+def main(argv):
+    del argv
+    from stts_jax.data.pipeline import find_dataset_dir
+    from stts_jax.train import evaluate as ev
+
+    try:
+        find_dataset_dir(_DATA.value)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e))
+    tokenizer = _TOKENIZER.value
+    if tokenizer is None:
+        from stts_jax.data.pipeline import find_tokenizer
+        import ml_collections
+
+        tokenizer = find_tokenizer(ml_collections.ConfigDict(dict(path=_DATA.value, tokenizer="")))
+    ratios = [float(r) for r in _RATIOS.value]
+    rows = []
+    start = time.perf_counter()
+    for path in _CHECKPOINT.value:
+        model, train_frames = load(path)
+        frames = [int(f) for f in _FRAMES.value] if _FRAMES.value else [train_frames or 8]
+        run = os.path.basename(os.path.normpath(path))
+        methods = [m for m in _METHODS.value if m != "scorer" or model.scorer is not None]
+        for method in sorted(set(_METHODS.value) - set(methods)):
+            print(f"{run}: skipping method {method!r} (trained with stts.method={model.cfg.stts.method!r})")
+        for method, ratio, t in ev.settings(methods, ratios, frames):
+            result = ev.evaluate(model, _DATA.value, split=_SPLIT.value, tokenizer=tokenizer, method=method,
+                                 ratio=ratio, frames=t, rows=_ROWS.value, max_examples=_MAX_EXAMPLES.value,
+                                 max_fps=_MAX_FPS.value or None)
+            rows += result.rows(run=run, train_method=model.cfg.stts.method,
+                                train_ratio=model.cfg.stts.prune_ratio if model.cfg.stts.method != "none" else 0.0)
+            print(f"{run}: {method} ratio {result.ratio:g} at {t} frames: accuracy {100 * result.accuracy():.1f}% "
+                  f"({result.count['all']} examples, {result.vision_tokens} vision tokens each, "
+                  f"{result.seconds:.0f} s)", flush=True)
+    print()
+    print(format_table(rows))
+    print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s")
+    if _CSV.value:
+        write_csv(_CSV.value, rows)
+        print(f"-> {_CSV.value}")
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)

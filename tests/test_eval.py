@@ -1,0 +1,151 @@
+"""Multiple-choice evaluation, weight transplants and fine-tuning from our own checkpoints.
+
+Oracles: a model whose logits are all zero picks option A (argmax's first index), so its accuracy is the
+share of answers that are A in the JSONL; and the pipeline's batched answer logits equal the logits of the
+model run on each example alone (built by ExampleBuilder, no packing, no padding).
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from stts_jax.config import stts_config, tiny_model_config
+from stts_jax.data.examples import ExampleBuilder
+from stts_jax.data.pipeline import placeholders_per_frame
+from stts_jax.data.processor import normalize_pixels, video_pooling_indices
+from stts_jax.data.synthetic import ClipSpec, make_flash_clip, write_benchmark
+from stts_jax.data.tfds_builders.video_qa import VideoQa
+from stts_jax.interop import params_io
+from stts_jax.model.pruning import FrameLayout
+from stts_jax.model.vlm import Molmo2VLM
+from stts_jax.train import evaluate as ev
+
+T = 8
+
+
+def model(method="scorer", ratio=0.5, seed=0):
+    cfg = tiny_model_config()
+    cfg.stts = stts_config(method=method, prune_ratio=ratio, prune_at=0)
+    return Molmo2VLM(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def flash_set(tmp_path_factory):
+    """6 + 10 transient-event clips (flash_colour, shuffled options), prepared as tfds; returns (dir, records, tok)."""
+    root = tmp_path_factory.mktemp("flash")
+    manual, data_dir = str(root / "manual"), str(root / "tfds")
+    spec = ClipSpec(num_frames=32, event_frames=5, object_radius=12)
+    records = write_benchmark(manual, 6, spec, validation_clips=10, kinds=("flash_colour",))
+    VideoQa(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    return data_dir, records, os.path.join(manual, "tokenizer.json")
+
+
+def test_flash_clip_shows_the_answer_colour_only_during_the_flash():
+    frames, (q,), scene = make_flash_clip(3, ClipSpec(num_frames=32, event_frames=5, object_radius=12))
+    start, end = scene["flash"]
+    assert end - start == 5 and 0 < start and end < 32
+    changed = np.abs(np.diff(frames.astype(int), axis=0)).sum(axis=(1, 2, 3)) > 0
+    assert changed.nonzero()[0].tolist() == [start - 1, end - 1]  # the flash's on and off are the only changes
+    assert q.answer == scene["flasher"].split()[0] and sorted(q.options) == sorted(["red", "green", "blue", "yellow"])
+
+
+def test_zero_logits_pick_option_a(flash_set):
+    data_dir, records, tok = flash_set
+    m = model("none")
+    m.llm.lm_head.kernel.value = jnp.zeros_like(m.llm.lm_head.kernel.value)  # every logit 0: argmax picks A
+    result = ev.evaluate(m, data_dir, tokenizer=tok, method="none", ratio=0.0, frames=T, rows=4, progress=False)
+    answers = [r["answer_index"] for r in records["validation"]]
+    assert result.count["all"] == len(answers) == 10
+    assert result.correct["all"] == sum(a == 0 for a in answers)
+    assert result.vision_tokens == result.vision_tokens_unpruned == 9 * T
+
+
+@pytest.mark.parametrize("method,ratio", [("none", 0.0), ("scorer", 0.5), ("random", 0.5)])
+def test_batched_answer_logits_equal_each_example_alone(flash_set, method, ratio):
+    data_dir, records, tok = flash_set
+    m = ev.with_stts(model("scorer"), method, ratio)
+    result = ev.evaluate(m, data_dir, tokenizer=tok, method=method, ratio=ratio, frames=T, rows=3, progress=False)
+    cfg = m.cfg
+    builder = ExampleBuilder(tok, image_size=cfg.vit.image_size, patch_size=cfg.vit.patch_size, num_frames=T,
+                             placeholders_per_frame=placeholders_per_frame(cfg, T))
+    source = {int(r["index"]): r for r in (dict(x) for x in _source(data_dir))}
+    grid = cfg.vit.image_size // cfg.vit.patch_size
+    assert len(result.predictions) == 10
+    for index, pred, answer in result.predictions:
+        ex = builder(source[index])
+        n = len(ex["input_ids"])
+        batch = dict(input_ids=ex["input_ids"][None], segment_ids=np.ones((1, n), np.int32),
+                     positions=np.arange(n, dtype=np.int32)[None],
+                     pixel_values=normalize_pixels(ex["frames"]),
+                     pooling_idx=video_pooling_indices(T, grid, cfg.adapter.pool_size).astype(np.int32))
+        if method == "random":  # random keeps depend on the batch's frame list: compare the scorer-free parts only
+            assert answer == records["validation"][index]["answer_index"]
+            continue
+        logits = np.asarray(m(batch, FrameLayout.videos(T) if method != "none" else None))[0]
+        first = int(np.argmax(ex["loss_mask"]))
+        letters = [builder.encoder.ids(c)[0] for c in "ABCD"]
+        assert pred == int(np.argmax(logits[first, letters])), index
+        assert answer == records["validation"][index]["answer_index"]
+
+
+def _source(data_dir):
+    from stts_jax.data.pipeline import open_source
+
+    src = open_source(data_dir, "validation")
+    return [src[i] for i in range(len(src))]
+
+
+def test_test_time_scaling_doubles_frames_at_the_unpruned_budget(flash_set):
+    data_dir, _, tok = flash_set
+    m = model("scorer", 0.5)
+    result = ev.evaluate(m, data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=2 * T, max_fps=4.0,
+                         rows=4, progress=False)
+    assert result.frames == 2 * T and result.vision_tokens == 9 * T == result.vision_tokens_unpruned // 2
+    assert result.count["all"] == 10
+
+
+def test_scorer_method_needs_a_scorer_and_transplant_names_what_is_missing(tmp_path):
+    plain = model("none")
+    with pytest.raises(ev.EvalError, match="trained with the STTS scorer"):
+        ev.with_stts(plain, "scorer", 0.5)
+    cfg = tiny_model_config()
+    cfg.stts = stts_config(method="scorer", prune_ratio=0.5, prune_at=0)
+    with pytest.raises(params_io.ParamsCheckpointError, match="scorer"):
+        params_io.transplant(plain, cfg)
+    moved, fresh = params_io.transplant(plain, cfg, seed=1, fresh=("scorer",))
+    assert fresh and all(p.startswith("scorer/") for p in fresh)
+    np.testing.assert_array_equal(moved.llm.lm_head.kernel.value, plain.llm.lm_head.kernel.value)
+    wide = tiny_model_config()
+    wide.llm.mlp_dim = 128
+    with pytest.raises(params_io.ParamsCheckpointError, match="shape"):
+        params_io.transplant(plain, wide)
+
+
+def test_fine_tune_starts_from_a_training_workdir(tmp_path):
+    """init_from = an unpruned run's workdir: the STTS run starts with its weights and a fresh scorer."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import tiny_train
+
+    from stts_jax.train.trainer import load_own_init, train
+
+    base = tiny_train.get_config("none")
+    base.train.update(steps=2, ckpt_every=2, log_every=1)
+    base.data.seq_len = 64  # unpruned: 36 placeholders
+    train(base, str(tmp_path / "base"))
+    saved = params_io.load_train_checkpoint(str(tmp_path / "base"))[0]
+    cfg = tiny_train.get_config("scorer")
+    cfg.train.update(steps=2, ckpt_every=2, log_every=1, init_from=str(tmp_path / "base"))
+    start = load_own_init(cfg)
+    assert start.scorer is not None
+    np.testing.assert_array_equal(start.vit.patch_embedding.kernel.value, saved.vit.patch_embedding.kernel.value)
+    records = train(cfg, str(tmp_path / "stts"))
+    assert records[-1]["step"] == 2 and np.isfinite(records[-1]["loss"])
+    meta = params_io.saved_train_config(str(tmp_path / "stts"))
+    assert meta["train"]["init_from"] == str(tmp_path / "base") and json.dumps(meta)
