@@ -45,6 +45,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (media
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs after compilation.")
 _FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Only lower/compile: FLOPs, bytes, memory (no weights).")
 _TRAIN = flags.DEFINE_bool("train", True, "Also measure the training step.")
+_PIECES = flags.DEFINE_bool("pieces", True, "Also compile the ViT / adapter / LLM pieces (FLOP split, ViT and "
+                             "packing times); --nopieces saves compilations on a GPU.")
+_COND_COST = flags.DEFINE_bool("cond_cost", True, "Also compile the fallback-guarded pruned forward for its (cond) FLOPs.")
 _CSV = flags.DEFINE_string("csv", None, "Write the table as CSV here.")
 _PNG = flags.DEFINE_string("png", None, "Write a plot (speedup vs frames, one line per ratio) here.")
 
@@ -115,31 +118,51 @@ class Subject:
 
 def cost(fn, *args) -> dict:
     """Returns FLOPs, bytes accessed and peak memory of fn compiled for args (abstract is fine)."""
+    return compile_cost(fn, *args)[1]
+
+
+def compile_cost(fn, *args):
+    """Returns (the compiled fn, its cost dict as `cost`); the executable also runs on concrete args."""
     compiled = jax.jit(fn).lower(*args).compile()
     analysis = compiled.cost_analysis() or {}
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else {}
     mem = compiled.memory_analysis()
     peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    return dict(flops=float(analysis.get("flops", 0.0)), bytes=float(analysis.get("bytes accessed", 0.0)), mem=peak)
+    return compiled, dict(flops=float(analysis.get("flops", 0.0)), bytes=float(analysis.get("bytes accessed", 0.0)),
+                          mem=peak)
 
 
-def measure_costs(subject: Subject, batch: dict) -> dict:
-    """Returns the cost analysis of the forward, its pieces and the train step."""
+def measure_costs(subject: Subject, batch: dict) -> tuple[dict, dict]:
+    """Returns (the cost analysis of the forward, its pieces and the train step; the compiled programs that
+    measure_times can reuse: the unpruned ones, whose costed and timed programs are the same)."""
     state = abstract(subject.state)
     b = abstract(batch)
     fns = subject.fns(fallback=not subject.pruned)  # packed path alone (see module docstring)
-    out = {f"fwd_{k}": v for k, v in cost(fns["fwd"], state, b).items()}
-    out["fwd_cond_flops"] = cost(subject.fns(fallback=True)["fwd"], state, b)["flops"] if subject.pruned else out["fwd_flops"]
+    reuse = {}
+    fwd, fwd_cost = compile_cost(fns["fwd"], state, b)
+    out = {f"fwd_{k}": v for k, v in fwd_cost.items()}
+    if not subject.pruned:
+        reuse["fwd"] = fwd
+        out["fwd_cond_flops"] = out["fwd_flops"]
+    elif _COND_COST.value:
+        out["fwd_cond_flops"] = cost(subject.fns(fallback=True)["fwd"], state, b)["flops"]
+    if _TRAIN.value:
+        train, train_cost = compile_cost(fns["train"], state, b)
+        out.update({f"train_{k}": v for k, v in train_cost.items()})
+        if not subject.pruned:
+            reuse["train"] = train
+    if not _PIECES.value:
+        return out, reuse
     features, rows = jax.eval_shape(fns["vit"], state, b["pixel_values"])
     out["vit_flops"] = cost(fns["vit"], state, b["pixel_values"])["flops"]
     pool_rows = rows.shape[0] if rows is not None else b["pooling_idx"].shape[0]
     pool = jax.ShapeDtypeStruct((pool_rows, b["pooling_idx"].shape[1]), jnp.int32)
     out["adapter_flops"] = cost(fns["adapter"], state, features, pool)["flops"]
     length = b["input_ids"].shape[1]
-    emb = jax.ShapeDtypeStruct((1, length, subject.cfg.llm.hidden_size), jnp.float32)
+    emb = jax.ShapeDtypeStruct((1, length, subject.cfg.llm.hidden_size), jnp.dtype(subject.cfg.dtype))
     out["llm_flops"] = cost(fns["llm"], state, emb, b)["flops"]
-    if _TRAIN.value:
-        out.update({f"train_{k}": v for k, v in cost(fns["train"], state, b).items()})
-    return out
+    return out, reuse
 
 
 def median_time(fn, *args) -> float:
@@ -154,15 +177,17 @@ def median_time(fn, *args) -> float:
     return statistics.median(times)
 
 
-def measure_times(subject: Subject, batch: dict) -> dict:
+def measure_times(subject: Subject, batch: dict, reuse: dict | None = None) -> dict:
     fns = subject.fns(fallback=True)
+    reuse = reuse or {}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    out = dict(fwd_s=median_time(jax.jit(fns["fwd"]), subject.state, batch))
-    vit = jax.jit(fns["vit"])
-    out["vit_s"] = median_time(vit, subject.state, batch["pixel_values"])
+    out = dict(fwd_s=median_time(reuse.get("fwd") or jax.jit(fns["fwd"]), subject.state, batch))
+    if _PIECES.value:
+        vit = jax.jit(fns["vit"])
+        out["vit_s"] = median_time(vit, subject.state, batch["pixel_values"])
     if _TRAIN.value:
-        out["train_s"] = median_time(jax.jit(fns["train"]), subject.state, batch)
-    if subject.pruned:
+        out["train_s"] = median_time(reuse.get("train") or jax.jit(fns["train"]), subject.state, batch)
+    if subject.pruned and _PIECES.value:
         out["pack_s"] = median_time(jax.jit(selection_and_packing(subject)), batch["pixel_values"])
     return out
 
@@ -187,8 +212,32 @@ def selection_and_packing(subject: Subject):
     return run
 
 
+def peak_bytes() -> int | None:
+    """Returns the device's peak allocated bytes so far (None where the backend keeps no statistics, e.g. CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fmt_absolute(r: dict) -> str:
+    """Returns one row's absolute numbers: times (ms), compiled peaks and device peak (GiB), elapsed (s)."""
+    gib = lambda x: f"{x / 2**30:.2f}" if x else "-"
+    ms = lambda x: f"{1e3 * x:.1f}" if x else "-"
+    g = r.get
+    return (f"{r['frames']} {r['ratio']:.1f} | {ms(g('unpruned_fwd_s'))} / {ms(g('pruned_fwd_s'))} | "
+            f"{ms(g('unpruned_train_s'))} / {ms(g('pruned_train_s'))} | {gib(g('unpruned_fwd_mem'))} / "
+            f"{gib(g('pruned_fwd_mem'))}, {gib(g('unpruned_train_mem'))} / {gib(g('pruned_train_mem'))} | "
+            f"{gib(g('device_peak_bytes'))} | {r['elapsed_s']:.0f}")
+
+
 def fmt_ratio(a, b):
-    return f"{a / b:.3f}" if b else "-"
+    return f"{a / b:.3f}" if a is not None and b else "-"
 
 
 def main(argv):
@@ -196,38 +245,46 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     cfg = _CONFIG.value
     base = cfg.model
+    print(f"# jax {jax.__version__}, dtype={base.dtype}, param_dtype={base.param_dtype}, remat={base.get('remat', False)}")
     print(f"# device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); config {_CONFIG.value.get('model').vit.hidden_size}-wide ViT, "
           f"{base.vit.num_layers} blocks, {grid_size(base)}x{grid_size(base)} patches, {tokens_per_frame(base)} windows/frame; "
           f"execution={base.stts.execution}, prune_at={base.stts.prune_at}")
     rows = []
+    start = time.perf_counter()
     for frames in map(int, _FRAMES.value):
         layout = pruning.FrameLayout.videos(frames)
         unpruned_cfg = base.copy_and_resolve_references()
         unpruned_cfg.stts.method = "none"
         unpruned = Subject(unpruned_cfg, layout, _FLOPS_ONLY.value, cfg.seed)
         ubatch = make_batch(unpruned_cfg, frames, 0.0, cfg.question_len)
-        ucost = measure_costs(unpruned, ubatch)
-        utime = {} if _FLOPS_ONLY.value else measure_times(unpruned, ubatch)
+        ucost, ureuse = measure_costs(unpruned, ubatch)
+        utime = {} if _FLOPS_ONLY.value else measure_times(unpruned, ubatch, ureuse)
+        del ureuse
         for ratio in map(float, _RATIOS.value):
             pcfg = base.copy_and_resolve_references()
             pcfg.stts.method = "scorer"
             pcfg.stts.prune_ratio = ratio
             pruned = Subject(pcfg, layout, _FLOPS_ONLY.value, cfg.seed)
             pbatch = make_batch(pcfg, frames, ratio, cfg.question_len)
-            pcost = measure_costs(pruned, pbatch)
+            pcost, _ = measure_costs(pruned, pbatch)
             row = dict(frames=frames, ratio=ratio, seq_len=pbatch["input_ids"].shape[1],
                        **{f"unpruned_{k}": v for k, v in ucost.items()}, **{f"pruned_{k}": v for k, v in pcost.items()})
             if not _FLOPS_ONLY.value:
                 ptime = measure_times(pruned, pbatch)
                 row.update({f"unpruned_{k}": v for k, v in utime.items()})
                 row.update({f"pruned_{k}": v for k, v in ptime.items()})
+            row["device_peak_bytes"] = peak_bytes()
+            row["elapsed_s"] = time.perf_counter() - start
             rows.append(row)
             print_row(row, header=len(rows) == 1)
+            print(f"#   {fmt_absolute(row)}", flush=True)
+            if _CSV.value:  # after every row, so a run stopped early keeps what it measured
+                write_csv(rows, _CSV.value)
+    print("# absolute: frames ratio | fwd ms unpruned/pruned | train ms unpruned/pruned | compiled peak GiB "
+          "fwd unpruned/pruned, train unpruned/pruned | device peak GiB so far | elapsed s")
+    for r in rows:
+        print(f"#   {fmt_absolute(r)}")
     if _CSV.value:
-        with open(_CSV.value, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
         print(f"# wrote {_CSV.value}")
     if _PNG.value and not _FLOPS_ONLY.value:
         plot(rows, _PNG.value)
