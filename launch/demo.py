@@ -1,0 +1,227 @@
+"""The CPU demo: the paper's central table in miniature, from nothing, in one command.
+
+  python launch/demo.py [--workdir=demo_out] [--quick]
+
+1. writes the synthetic temporal video-QA set (real h264 mp4s, stts_jax.data.synthetic) and prepares it as
+   tfds ArrayRecord shards;
+2. trains a small Molmo2-shaped VLM (configs/demo.py) from scratch, unpruned: the "pretrained" base model;
+3. fine-tunes the base for the same number of steps five ways (the paper's protocol: STTS is a fine-tuning
+   recipe): unpruned, STTS at prune ratio 0.5 and 0.8, random pruning at 0.5 and 0.8;
+4. evaluates every run on the validation split (multiple-choice accuracy, stts_jax.train.evaluate), with
+   test-time scaling for the STTS runs (2x frames at the same ratio);
+5. prints one table: accuracy (overall and per question kind), vision tokens per example, median train-step
+   time and the speedup over the unpruned fine-tune. Also written to <workdir>/table.md, results.csv and
+   eval.csv (the notebook's plots read them).
+
+Every stage prints progress with an ETA; stages already complete in --workdir are reused (the data, finished
+runs), and an interrupted run resumes from its last checkpoint. --quick runs a few steps on a few clips (a
+smoke test of the whole path, not a result).
+"""
+
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+from absl import app, flags, logging  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where the data, runs and tables go.")
+_CLIPS = flags.DEFINE_integer("clips", 3000, "Training clips (each asks every question kind).")
+_VAL_CLIPS = flags.DEFINE_integer("validation_clips", 300, "Validation clips.")
+_BASE_STEPS = flags.DEFINE_integer("base_steps", 1000, "Steps of the unpruned base model.")
+_FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "Fine-tuning steps of each run.")
+_RUNS = flags.DEFINE_list("runs", ["unpruned", "stts_0.5", "random_0.5", "stts_0.8", "random_0.8"],
+                          "Fine-tuning runs: unpruned | stts_<ratio> | random_<ratio>.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 24 clips, a few steps per run (not a result).")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Processes writing the clips.")
+
+CLIP_FRAMES, EVENT_FRAMES, RADIUS = 32, 5, 12  # 4 s at 8 fps; Molmo2 samples 8 frames (2 fps): every flash is seen
+KINDS = ("flash_colour",)
+
+
+class Progress:
+    """Prints stage lines with the elapsed time and an ETA from the planned work units (training steps)."""
+
+    def __init__(self, total_units: float):
+        self.start = time.perf_counter()
+        self.total, self.done = total_units, 0.0
+        self.rate = None  # seconds per unit, measured
+
+    def stage(self, text: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = "" if self.rate is None else f", ETA {self.rate * (self.total - self.done) / 60:.1f} min"
+        print(f"\n=== [{elapsed / 60:5.1f} min{eta}] {text}", flush=True)
+
+    def advance(self, units: float) -> None:
+        self.done += units
+        self.rate = (time.perf_counter() - self.start) / max(self.done, 1e-9)
+
+
+def run_config(name: str, base_dir: str | None, steps: int, data_dir: str, quick: bool):
+    """Returns the training config of run `name` (base | unpruned | stts_<r> | random_<r>)."""
+    from demo import get_config
+
+    if name in ("base", "unpruned"):
+        arg = "none"
+    else:
+        method, ratio = name.split("_")
+        arg = f"{'scorer' if method == 'stts' else method},r{ratio}"
+    cfg = get_config(arg)
+    cfg.data.path = data_dir
+    cfg.train.steps = steps
+    cfg.train.ckpt_every = max(steps // 2, 1)
+    cfg.train.log_every = max(1, min(25, steps // 4))
+    if base_dir:  # fine-tuning: a lower LR for every group. The paper gives the scorer 10x the LLM's; here that
+        # saturates the sigmoid scorer at 0 within 200 steps (most windows never change: aux target 0), after
+        # which its ranking is no better than random, so the scorer gets the same LR as the rest.
+        cfg.train.init_from = base_dir
+        cfg.optim.update(lr_vit=3e-4, lr_adapter=3e-4, lr_llm=3e-4, lr_scorer=3e-4, warmup_steps=max(1, steps // 10))
+    if quick:
+        cfg.optim.warmup_steps = 1
+    return cfg
+
+
+def make_data(out: str, progress: Progress, quick: bool) -> str:
+    """Writes + prepares the synthetic set under out/ (reused when complete); returns the tfds data dir."""
+    from stts_jax.config import tiny_model_config
+    from stts_jax.data import synthetic
+
+    tfds_dir = os.path.join(out, "tfds")
+    stamp = os.path.join(out, "DONE.json")
+    clips, val = (24, 16) if quick else (_CLIPS.value, _VAL_CLIPS.value)
+    settings = dict(clips=clips, validation_clips=val, frames=CLIP_FRAMES, event_frames=EVENT_FRAMES,
+                    radius=RADIUS, kinds=list(KINDS))
+    if os.path.exists(stamp) and json.load(open(stamp)) == settings:
+        progress.stage(f"data: reusing {out}")
+        return tfds_dir
+    progress.stage(f"data: writing {clips} + {val} synthetic clips ({CLIP_FRAMES} frames, h264) to {out}")
+    spec = synthetic.ClipSpec(num_frames=CLIP_FRAMES, event_frames=EVENT_FRAMES, object_radius=RADIUS,
+                              shuffle_options=False)
+    synthetic.write_benchmark(out, clips, spec, validation_clips=val, tokens=dict(tiny_model_config().tokens),
+                              workers=_WORKERS.value, progress=True, kinds=KINDS)
+    import tensorflow_datasets as tfds
+
+    from stts_jax.data.tfds_builders.video_qa import VideoQa
+
+    tfds.disable_progress_bar()
+    builder = VideoQa(data_dir=tfds_dir, on_error="skip", progress=True)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=out))
+    if builder.skipped:
+        print(f"skipped {len(builder.skipped)} bad videos: {builder.skipped[:3]}")
+    with open(stamp, "w") as f:
+        json.dump(settings, f)
+    return tfds_dir
+
+
+def step_time(workdir: str) -> float:
+    """Returns the median logged train-step time of a run (the first log, which holds compilation, dropped)."""
+    times = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            times.append(json.loads(line)["step_time_s"])
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def finished(workdir: str, steps: int) -> bool:
+    """Returns whether a run's latest checkpoint is its last step."""
+    from stts_jax.interop import params_io
+
+    try:
+        return os.path.basename(params_io.train_step_dir(workdir)) == str(steps)
+    except params_io.ParamsCheckpointError:
+        return False
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from stts_jax.interop import params_io
+    from stts_jax.train import evaluate as ev
+    from stts_jax.train.trainer import train
+
+    quick = _QUICK.value
+    out = os.path.abspath(_WORKDIR.value)
+    base_steps, ft_steps = (6, 4) if quick else (_BASE_STEPS.value, _FT_STEPS.value)
+    runs = list(_RUNS.value)
+    for name in runs:
+        if name != "unpruned" and not (name.split("_")[0] in ("stts", "random") and name.count("_") == 1):
+            raise app.UsageError(f"--runs: unknown run {name!r} (unpruned | stts_<ratio> | random_<ratio>)")
+    # work units: training steps (pruned steps are cheaper, counted as 1 anyway) + evaluation ~ 60 steps each
+    progress = Progress(base_steps + ft_steps * len(runs) + 60 * (len(runs) + 2))
+    os.makedirs(out, exist_ok=True)
+    data_dir = make_data(os.path.join(out, "data"), progress, quick)
+    tokenizer = os.path.join(out, "data", "tokenizer.json")
+
+    base_dir = os.path.join(out, "runs", "base")
+    run_dirs = {}
+    for name, init, steps in [("base", None, base_steps)] + [(n, base_dir, ft_steps) for n in runs]:
+        workdir = os.path.join(out, "runs", name)
+        run_dirs[name] = workdir
+        cfg = run_config(name, init, steps, data_dir, quick)
+        what = "unpruned base model from scratch" if name == "base" else f"fine-tune from the base: {name}"
+        if finished(workdir, steps):
+            progress.stage(f"train {name}: reusing {workdir}")
+        else:
+            progress.stage(f"train {what} ({steps} steps, {cfg.data.videos_per_batch} videos/step, "
+                           f"{cfg.data.seq_len} tokens/row) -> {workdir}")
+            train(cfg, workdir)
+        progress.advance(steps)
+
+    # evaluation: every run with its own method; STTS runs also with 2x frames (test-time scaling)
+    rows, summary = [], []
+    frames = run_config("base", None, 1, data_dir, quick).data.num_frames
+    for name in ["base"] + runs:
+        model = params_io.load_train_checkpoint(run_dirs[name])[0]
+        method, ratio = model.cfg.stts.method, model.cfg.stts.prune_ratio
+        settings = [(method, ratio, frames, 2.0)]
+        if method == "scorer":
+            settings.append((method, ratio, 2 * frames, 4.0))
+        for m, r, t, fps in settings:
+            progress.stage(f"eval {name}: {m} ratio {r:g} at {t} frames")
+            result = ev.evaluate(model, data_dir, tokenizer=tokenizer, method=m, ratio=r, frames=t, max_fps=fps)
+            label = name if t == frames else f"{name} @{t} frames"
+            rows += result.rows(run=label, train_method=method, train_ratio=ratio if method != "none" else 0.0)
+            summary.append(dict(run=label, result=result, step_s=step_time(run_dirs[name]) if t == frames else None))
+            progress.advance(60)
+    table = format_table(summary, ft_steps, base_steps)
+    print("\n" + table, flush=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "eval.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ev.CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    progress.stage(f"done: {out}/table.md, eval.csv")
+
+
+def format_table(summary: list[dict], ft_steps: int, base_steps: int) -> str:
+    """Returns the demo's markdown table (accuracy, per-kind accuracy, tokens, step time, speedup)."""
+    kinds = sorted({k for s in summary for k in s["result"].count if k != "all"})
+    ref_run = "unpruned" if any(s["run"] == "unpruned" for s in summary) else "base"
+    ref = next(s["step_s"] for s in summary if s["run"] == ref_run)
+    head = ["run", "accuracy %"] + [f"{k} %" for k in kinds] + ["vision tokens / example", "train step s",
+                                                                "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        r = s["result"]
+        cells = [s["run"], f"{100 * r.accuracy():.1f}"] + [f"{100 * r.accuracy(k):.1f}" for k in kinds]
+        cells.append(f"{r.vision_tokens} / {r.vision_tokens_unpruned}")
+        cells.append("-" if s["step_s"] is None else f"{s['step_s']:.3f}")
+        speed = "-" if s["step_s"] is None or s["run"] in ("base", ref_run) else f"{ref / s['step_s']:.2f}x"
+        cells.append(speed)
+        lines.append("| " + " | ".join(cells) + " |")
+    n = summary[0]["result"].count["all"]
+    lines.append(f"\n{n} validation questions; base: {base_steps} steps from scratch, each run: {ft_steps} more "
+                 f"steps from the base; chance is 25%. Train step: median logged step time (compilation excluded); "
+                 f"speedup: {ref_run}'s step time / the run's.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)
