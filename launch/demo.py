@@ -9,8 +9,9 @@
    recipe): unpruned, STTS at prune ratio 0.5 and 0.8, random pruning at 0.5 and 0.8;
 4. evaluates every run on the validation split (multiple-choice accuracy, stts_jax.train.evaluate), with
    test-time scaling for the STTS runs (2x frames at the same ratio);
-5. prints one table: accuracy (overall and per question kind), vision tokens per example, median train-step
-   time and the speedup over the unpruned fine-tune. Also written to <workdir>/table.md, results.csv and
+5. prints one table: accuracy (overall and per question kind), vision tokens per example, the train-step time
+   (as logged, input included; and the jitted step alone, all runs timed side by side) and the speedup over
+   the unpruned fine-tune. Also written to <workdir>/table.md, results.csv and
    eval.csv (the notebook's plots read them).
 
 Every stage prints progress with an ETA; stages already complete in --workdir are reused (the data, finished
@@ -128,6 +129,50 @@ def step_time(workdir: str) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
+def compute_step_times(runs: dict, repeats: int) -> dict:
+    """Returns {run: (median seconds of its jitted train step on one fixed real batch, XLA's FLOPs of the step)}.
+
+    Every run's trained model and step are compiled first, then timed round-robin (one step of each run per
+    round, `repeats` rounds), side by side in this process, so drift in the machine's load hits all alike.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from stts_jax.interop import params_io
+    from stts_jax.train import inputs, sharding
+    from stts_jax.train.optim import make_optimizer
+    from stts_jax.train.step import init_state, make_train_step, shardings_of
+    from stts_jax.train.trainer import step_flops, frame_layout, host_batch_to_global
+
+    steps = {}
+    for name, (cfg, workdir) in runs.items():
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        model = params_io.load_train_checkpoint(workdir)[0]
+        with jax.set_mesh(mesh):
+            source = inputs.make_input(cfg)
+            batch = host_batch_to_global(source.next_batches(1), mesh, cfg)
+            sharding.shard_model(model, mesh)
+            optimizer = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
+            graphdef, state = init_state(model, optimizer)
+            fn = make_train_step(graphdef, optimizer, frame_layout(cfg), seed=0, state_shardings=shardings_of(state))
+            flops = step_flops(fn, state, batch)
+            state, metrics = fn(state, batch)  # compile + warm up
+            jax.block_until_ready(metrics)
+            steps[name] = [fn, state, batch, mesh, flops]
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, entry in steps.items():
+            fn, state, batch, mesh, _ = entry
+            with jax.set_mesh(mesh):
+                start = time.perf_counter()
+                state, metrics = fn(state, batch)
+                jax.block_until_ready(metrics)
+                times[name].append(time.perf_counter() - start)
+            entry[1] = state
+    return {name: (float(np.median(t)), steps[name][4]) for name, t in times.items()}
+
+
 def finished(workdir: str, steps: int) -> bool:
     """Returns whether a run's latest checkpoint is its last step."""
     from stts_jax.interop import params_io
@@ -152,8 +197,9 @@ def main(argv):
     for name in runs:
         if name != "unpruned" and not (name.split("_")[0] in ("stts", "random") and name.count("_") == 1):
             raise app.UsageError(f"--runs: unknown run {name!r} (unpruned | stts_<ratio> | random_<ratio>)")
-    # work units: training steps (pruned steps are cheaper, counted as 1 anyway) + evaluation ~ 60 steps each
-    progress = Progress(base_steps + ft_steps * len(runs) + 60 * (len(runs) + 2))
+    # work units: training steps (pruned steps are cheaper, counted as 1 anyway); an evaluation and a
+    # timed compilation ~ 60 steps each
+    progress = Progress(base_steps + ft_steps * len(runs) + 60 * (len(runs) + 2) + 60 * (len(runs) + 1))
     os.makedirs(out, exist_ok=True)
     data_dir = make_data(os.path.join(out, "data"), progress, quick)
     tokenizer = os.path.join(out, "data", "tokenizer.json")
@@ -173,6 +219,12 @@ def main(argv):
             train(cfg, workdir)
         progress.advance(steps)
 
+    # the model's own step time, side by side (the logged step time above also holds input decoding)
+    progress.stage("time the train step of every run on one fixed batch, round-robin (input excluded)")
+    compute = compute_step_times({n: (run_config(n, None, ft_steps, data_dir, quick), run_dirs[n])
+                                  for n in ["base"] + runs}, repeats=3 if quick else 20)
+    progress.advance(60 * (len(runs) + 1))
+
     # evaluation: every run with its own method; STTS runs also with 2x frames (test-time scaling)
     rows, summary = [], []
     frames = run_config("base", None, 1, data_dir, quick).data.num_frames
@@ -187,7 +239,9 @@ def main(argv):
             result = ev.evaluate(model, data_dir, tokenizer=tokenizer, method=m, ratio=r, frames=t, max_fps=fps)
             label = name if t == frames else f"{name} @{t} frames"
             rows += result.rows(run=label, train_method=method, train_ratio=ratio if method != "none" else 0.0)
-            summary.append(dict(run=label, result=result, step_s=step_time(run_dirs[name]) if t == frames else None))
+            summary.append(dict(run=label, result=result, step_s=step_time(run_dirs[name]) if t == frames else None,
+                                compute_s=compute[name][0] if t == frames else None,
+                                flops=compute[name][1] if t == frames else None))
             progress.advance(60)
     table = format_table(summary, ft_steps, base_steps)
     print("\n" + table, flush=True)
@@ -201,25 +255,35 @@ def main(argv):
 
 
 def format_table(summary: list[dict], ft_steps: int, base_steps: int) -> str:
-    """Returns the demo's markdown table (accuracy, per-kind accuracy, tokens, step time, speedup)."""
+    """Returns the demo's markdown table (accuracy, per-kind accuracy, tokens, step times, speedups)."""
     kinds = sorted({k for s in summary for k in s["result"].count if k != "all"})
     ref_run = "unpruned" if any(s["run"] == "unpruned" for s in summary) else "base"
-    ref = next(s["step_s"] for s in summary if s["run"] == ref_run)
-    head = ["run", "accuracy %"] + [f"{k} %" for k in kinds] + ["vision tokens / example", "train step s",
-                                                                "speedup"]
+    ref = next(s for s in summary if s["run"] == ref_run)
+    head = ["run", "accuracy %"] + [f"{k} %" for k in kinds] + [
+        "vision tokens / example", "train step s (with input)", "speedup", "model step s (compute)", "speedup",
+        "step FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def speed(s, key):
+        if s[key] is None or s["run"] in ("base", ref_run):
+            return "-"
+        return f"{ref[key] / s[key]:.2f}x"
+
     for s in summary:
         r = s["result"]
         cells = [s["run"], f"{100 * r.accuracy():.1f}"] + [f"{100 * r.accuracy(k):.1f}" for k in kinds]
         cells.append(f"{r.vision_tokens} / {r.vision_tokens_unpruned}")
-        cells.append("-" if s["step_s"] is None else f"{s['step_s']:.3f}")
-        speed = "-" if s["step_s"] is None or s["run"] in ("base", ref_run) else f"{ref / s['step_s']:.2f}x"
-        cells.append(speed)
+        for key in ("step_s", "compute_s"):
+            cells += ["-" if s[key] is None else f"{s[key]:.3f}", speed(s, key)]
+        cells.append("-" if not s["flops"] or not ref["flops"] else f"{s['flops'] / ref['flops']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     n = summary[0]["result"].count["all"]
     lines.append(f"\n{n} validation questions; base: {base_steps} steps from scratch, each run: {ft_steps} more "
-                 f"steps from the base; chance is 25%. Train step: median logged step time (compilation excluded); "
-                 f"speedup: {ref_run}'s step time / the run's.")
+                 f"steps from the base; chance is 25%. Train step (with input): median logged step time of the run, "
+                 f"compilation excluded, input decoding included; model step (compute): median of the jitted step "
+                 f"on one fixed batch, all runs timed round-robin in one process; speedup: {ref_run} / the run; step FLOPs: "
+                 f"XLA's count of the lowered step / {ref_run}'s (a lax.cond counts as its costlier branch, the masked "
+                 f"fallback of the packed ViT blocks).")
     return "\n".join(lines)
 
 

@@ -167,7 +167,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
             for step in range(start, cfg.train.steps):
                 batch = host_batch_to_global(source.next_batches(cfg.train.grad_accum), mesh, cfg)
                 if step == start:
-                    writer.step_flops = _step_flops(step_fn, state, batch)
+                    writer.step_flops = step_flops(step_fn, state, batch)
                 state, metrics = step_fn(state, batch)
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
@@ -192,7 +192,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     return records
 
 
-def _step_flops(step_fn, state, batch) -> float:
+def step_flops(step_fn, state, batch) -> float:
     """Returns XLA's FLOP count of one train step (for MFU)."""
     try:  # the lowered program's estimate: no second compilation
         analysis = step_fn.lower(state, batch).cost_analysis() or {}
