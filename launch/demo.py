@@ -282,8 +282,7 @@ def format_table(summary: list[dict], ft_steps: int, base_steps: int) -> str:
                  f"steps from the base; chance is 25%. Train step (with input): median logged step time of the run, "
                  f"compilation excluded, input decoding included; model step (compute): median of the jitted step "
                  f"on one fixed batch, all runs timed round-robin in one process; speedup: {ref_run} / the run; step FLOPs: "
-                 f"XLA's count of the lowered step / {ref_run}'s (a lax.cond counts as its costlier branch, the masked "
-                 f"fallback of the packed ViT blocks).")
+                 f"XLA's count of the lowered step / {ref_run}'s.")
     return "\n".join(lines)
 
 
