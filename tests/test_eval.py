@@ -57,7 +57,7 @@ def test_flash_clip_shows_the_answer_colour_only_during_the_flash():
 def test_zero_logits_pick_option_a(flash_set):
     data_dir, records, tok = flash_set
     m = model("none")
-    m.llm.lm_head.kernel.value = jnp.zeros_like(m.llm.lm_head.kernel.value)  # every logit 0: argmax picks A
+    m.llm.lm_head.kernel.set_value(jnp.zeros_like(m.llm.lm_head.kernel[...]))  # every logit 0: argmax picks A
     result = ev.evaluate(m, data_dir, tokenizer=tok, method="none", ratio=0.0, frames=T, rows=4, progress=False)
     answers = [r["answer_index"] for r in records["validation"]]
     assert result.count["all"] == len(answers) == 10
@@ -119,7 +119,7 @@ def test_scorer_method_needs_a_scorer_and_transplant_names_what_is_missing(tmp_p
         params_io.transplant(plain, cfg)
     moved, fresh = params_io.transplant(plain, cfg, seed=1, fresh=("scorer",))
     assert fresh and all(p.startswith("scorer/") for p in fresh)
-    np.testing.assert_array_equal(moved.llm.lm_head.kernel.value, plain.llm.lm_head.kernel.value)
+    np.testing.assert_array_equal(moved.llm.lm_head.kernel[...], plain.llm.lm_head.kernel[...])
     wide = tiny_model_config()
     wide.llm.mlp_dim = 128
     with pytest.raises(params_io.ParamsCheckpointError, match="shape"):
@@ -144,7 +144,7 @@ def test_fine_tune_starts_from_a_training_workdir(tmp_path):
     cfg.train.update(steps=2, ckpt_every=2, log_every=1, init_from=str(tmp_path / "base"))
     start = load_own_init(cfg)
     assert start.scorer is not None
-    np.testing.assert_array_equal(start.vit.patch_embedding.kernel.value, saved.vit.patch_embedding.kernel.value)
+    np.testing.assert_array_equal(start.vit.patch_embedding.kernel[...], saved.vit.patch_embedding.kernel[...])
     records = train(cfg, str(tmp_path / "stts"))
     assert records[-1]["step"] == 2 and np.isfinite(records[-1]["loss"])
     meta = params_io.saved_train_config(str(tmp_path / "stts"))
