@@ -54,9 +54,6 @@ _KEEP_BATCH = flags.DEFINE_bool("keep_batch", False, "Use the config's data/trai
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s per chip (default: --tpu's).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the step time.")
 _PACKED_FLOPS = flags.DEFINE_bool("packed_flops", True, "Also lower the packed path alone (execution=packed).")
-_OPT_STATE = flags.DEFINE_enum("opt_state", "trainer", ["trainer", "params"],
-                               "Optimizer-state shardings: what the trainer's jit(optimizer.init) gives today, or "
-                               "sharded like the parameters (the proposed fix).")
 _CSV = flags.DEFINE_string("csv", None, "Append the rows to this CSV (header written if new).")
 _CHILD = flags.DEFINE_integer("child_chips", 0, "Internal: estimate this chip count in-process, print JSON.")
 
@@ -124,11 +121,11 @@ def run_child(chips: int) -> dict:
     if not _KEEP_BATCH.value:
         cfg = estimate.scale_batch(cfg, mesh.shape["data"] * mesh.shape["fsdp"], global_batch=_GLOBAL_BATCH.value,
                                    videos_per_device=_VIDEOS_PER_DEVICE.value, text_tokens=_TEXT_TOKENS.value)
-    est = estimate.estimate_step(cfg, mesh, packed_flops=_PACKED_FLOPS.value, opt_state_sharding=_OPT_STATE.value)
+    est = estimate.estimate_step(cfg, mesh, packed_flops=_PACKED_FLOPS.value)
     st = cfg.model.stts
     return dict(
         est.__dict__, device=kind, frames=cfg.data.num_frames, method=st.method,
-        execution=st.execution if st.method != "none" else "-", opt_state=_OPT_STATE.value, remat=bool(cfg.model.get("remat", False)),
+        execution=st.execution if st.method != "none" else "-", remat=bool(cfg.model.get("remat", False)),
         videos_per_micro=cfg.data.videos_per_batch, grad_accum=cfg.train.grad_accum,
         global_videos=cfg.data.videos_per_batch * cfg.train.grad_accum, seq_len=cfg.data.seq_len)
 

@@ -111,8 +111,9 @@ def _time_model(model_cfg, batch, layout, steps=5):
 
     model = Molmo2VLM(model_cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    keys = ("input_ids", "segment_ids", "positions", "pixel_values", "pooling_idx", "targets", "loss_mask")
-    device_batch = {k: jnp.asarray(batch[k]) for k in keys}
+    from stts_jax.data.pipeline import BATCH_KEYS
+
+    device_batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
 
     @jax.jit
     def step(state, batch):  # forward + backward: what a train step costs without the optimizer update

@@ -42,7 +42,7 @@ from absl import logging
 
 from stts_jax.config import grid_size, tokens_per_frame
 from stts_jax.data.examples import ExampleBuilder
-from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, video_pooling_indices
+from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, normalize_pixels, video_pooling_indices
 from stts_jax.data.video import SAMPLERS
 
 ON_ERROR = ("skip", "fail")
@@ -230,7 +230,7 @@ class HostBatch:
         frames = packed["frames"].reshape(-1, *packed["frames"].shape[2:])  # [rows * V * T, N, P*P*3]
         real = np.flatnonzero(frame_segments[: frames.shape[0]] > 0)  # row-major, in sequence order
         pixel_values = np.zeros((g.frames_per_batch, *frames.shape[1:]), np.float32)
-        pixel_values[: len(real)] = (frames[real].astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+        pixel_values[: len(real)] = normalize_pixels(frames[real])
         record = pad_rows(np.where(packed["record_segment_ids"] > 0, packed["record"], -1), fill=-1)
         out.update(pixel_values=pixel_values, pooling_idx=self.pooling_idx,
                    num_videos=np.int32(len(real) // g.num_frames), row_videos=(record >= 0).sum(1).astype(np.int32),

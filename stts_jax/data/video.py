@@ -125,18 +125,22 @@ def _info(container, stream) -> VideoInfo:
     return VideoInfo(num_frames=count, fps=fps, width=int(stream.width or 0), height=int(stream.height or 0))
 
 
-def probe_video(src: VideoSource, name: str | None = None) -> VideoInfo:
-    """Returns the VideoInfo of a file / bytes without decoding frames; raises VideoDecodeError."""
+def _stream_info(container, stream, name: str) -> VideoInfo:
+    """Returns `_info`, with a stream that cannot be read reported as a corrupt video naming the file."""
     import av
 
+    try:
+        return _info(container, stream)
+    except (av.error.FFmpegError, ValueError) as e:
+        raise VideoDecodeError(name, "corrupt", f"cannot read the video stream ({e})") from None
+
+
+def probe_video(src: VideoSource, name: str | None = None) -> VideoInfo:
+    """Returns the VideoInfo of a file / bytes without decoding frames; raises VideoDecodeError."""
     name = _name(src, name)
     container = _open(src, name)
     with container:
-        stream = _video_stream(container, name)
-        try:
-            info = _info(container, stream)
-        except (av.error.FFmpegError, ValueError) as e:
-            raise VideoDecodeError(name, "corrupt", f"cannot read the video stream ({e})") from None
+        info = _stream_info(container, _video_stream(container, name), name)
     if info.num_frames == 0:
         raise VideoDecodeError(name, "no_frames", "the video stream holds no frames")
     return info
@@ -223,18 +227,13 @@ def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.
     Only the sampled frames are converted to RGB; decoding stops after the last one. Raises
     VideoDecodeError (see module docstring) naming the file.
     """
-    import av
-
     name = _name(src, name)
     known_total = None  # set when a first pass found slightly fewer decodable frames than declared
     while True:
         container = _open(src, name)
         with container:
             stream = _video_stream(container, name)
-            try:
-                info = _info(container, stream)
-            except (av.error.FFmpegError, ValueError) as e:
-                raise VideoDecodeError(name, "corrupt", f"cannot read the video stream ({e})") from None
+            info = _stream_info(container, stream, name)
             if known_total is not None:
                 info = dataclasses.replace(info, num_frames=known_total)
             if info.num_frames == 0:

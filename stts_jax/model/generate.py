@@ -184,4 +184,4 @@ def cache_nbytes(cache) -> int:
 def cache_bytes_for(model, batch_size: int, cache_length: int, dtype=None) -> int:
     """Returns the bytes of a KV cache of `cache_length` slots for `model` (no allocation)."""
     shapes = jax.eval_shape(functools.partial(model.llm.init_cache, batch_size, cache_length, dtype))
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)))
+    return cache_nbytes(shapes)

@@ -93,29 +93,18 @@ def with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def opt_shardings_like_params(opt_state, params, mesh):
-    """Returns shardings for `opt_state` like its parameters (see sharding.like_params)."""
-    return sharding.like_params(opt_state, params, mesh)
-
-
-def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback: bool = True,
-                         opt_state_sharding: str = "trainer"):
+def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback: bool = True):
     """Returns (graphdef, optimizer, state) with state = {params, opt_state, step} of sharded ShapeDtypeStructs.
 
-    Mirrors trainer.train: shard_model (logical rules), make_optimizer, init_state's jit(optimizer.init)
-    (`opt_state_sharding="trainer"`: whatever shardings that compiled init gives its outputs), or
-    "params": the optimizer state sharded like its parameters (`opt_shardings_like_params`).
+    Mirrors trainer.train: shard_model (logical rules), make_optimizer, and init_state's optimizer state
+    sharded like its parameters (sharding.like_params).
     """
     model = abstract_model(cfg, pack_fallback=pack_fallback)
     graphdef, params = nnx.split(model, nnx.Param)
     params = with_shardings(params, sharding.state_shardings(params, mesh))
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, params)
     opt_shape = jax.eval_shape(optimizer.init, params)
-    if opt_state_sharding in ("trainer", "params"):  # the trainer's init_state shards AdamW moments like params
-        opt_shardings = sharding.like_params(opt_shape, params, mesh)
-    else:
-        raise ValueError(f"opt_state_sharding must be 'trainer' or 'params', got {opt_state_sharding!r}")
-    opt_state = with_shardings(opt_shape, opt_shardings)
+    opt_state = with_shardings(opt_shape, sharding.like_params(opt_shape, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
     return graphdef, optimizer, dict(params=params, opt_state=opt_state, step=step)
 
@@ -182,12 +171,11 @@ class StepEstimate:
     compile_error: str | None = None  # the compiler refused the program (TPU: does not fit in HBM)
 
 
-def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = True,
-                  opt_state_sharding: str = "trainer") -> StepEstimate:
+def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = True) -> StepEstimate:
     """Returns the StepEstimate of `cfg`'s train step on `mesh` (lowered and compiled, nothing executed)."""
     t0 = time.perf_counter()
     layout = pruning.FrameLayout.videos(*([cfg.data.num_frames] * cfg.data.videos_per_batch))
-    graphdef, optimizer, state = abstract_train_state(cfg, mesh, opt_state_sharding=opt_state_sharding)
+    graphdef, optimizer, state = abstract_train_state(cfg, mesh)
     batch = abstract_batch(cfg, mesh)
     step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed, state_shardings=shardings_of(state))
     with jax.set_mesh(mesh):
@@ -198,7 +186,7 @@ def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = 
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             compiled, error = None, str(e).splitlines()[0]
-    flops_dev = _flops(compiled.cost_analysis()) if compiled is not None else None
+    flops_dev = flops_of(compiled.cost_analysis()) if compiled is not None else None
     # global FLOPs: XLA's cost analysis of the unpartitioned step, lowered for the host CPU without shardings
     # (the lowering for a TPU topology has no cost analysis in jax 0.10.2)
     flops = global_flops(graphdef, optimizer, layout, cfg, state, batch)
@@ -248,7 +236,7 @@ def global_flops(graphdef, optimizer, layout, cfg, state, batch) -> float:
     """Returns XLA's FLOPs of the whole train step (global batch; the accumulation loop body counted once)."""
     step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed)
     lowered = step_fn.trace(unsharded(state), unsharded(batch)).lower(lowering_platforms=("cpu",))
-    return _flops(lowered.cost_analysis())
+    return flops_of(lowered.cost_analysis())
 
 
 def update_flops(optimizer, state) -> float:
@@ -261,10 +249,11 @@ def update_flops(optimizer, state) -> float:
 
     params, opt_state = unsharded(state["params"]), unsharded(state["opt_state"])
     lowered = jax.jit(tail).trace(params, opt_state, params).lower(lowering_platforms=("cpu",))
-    return _flops(lowered.cost_analysis())
+    return flops_of(lowered.cost_analysis())
 
 
-def _flops(analysis) -> float:
+def flops_of(analysis) -> float:
+    """Returns the FLOPs of an XLA cost analysis (a dict, or a list of one dict per program in older jax)."""
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import time
 from typing import Iterable
 
@@ -89,8 +90,15 @@ def vision_tokens_per_example(cfg: ml_collections.ConfigDict, frames: int, metho
     return pruning.kept_tokens(FrameLayout.videos(frames), w, ratio, cfg.stts.prune_from_frame)
 
 
-def answer_sheet(source) -> dict:
-    """Returns {record index: (number of options, answer_index, kind)} of a tfds `video_qa` data source."""
+@functools.lru_cache(maxsize=8)
+def answer_sheet(data_dir: str, split: str) -> dict:
+    """Returns {record index: (number of options, answer_index, kind)} of a prepared `video_qa` split.
+
+    Reads every record once per (data_dir, split) and process (the records hold the video bytes too).
+    """
+    from stts_jax.data.pipeline import open_source
+
+    source = open_source(data_dir, split)
     sheet = {}
     for i in range(len(source)):
         r = source[i]
@@ -125,7 +133,7 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
     if seq_len is None:
         seq_len = vision_tokens_per_example(cfg, frames, "none", 0) + 10 * frames + 160
     source = pipe.open_source(data_dir, split)
-    sheet = answer_sheet(source)
+    sheet = answer_sheet(data_dir, split)
     total = min(len(sheet), max_examples) if max_examples else len(sheet)
     if not total:
         raise EvalError(f"split {split!r} of {data_dir} has no examples")

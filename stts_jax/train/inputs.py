@@ -10,19 +10,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from stts_jax.config import tokens_per_frame
-from stts_jax.model import pruning
+from stts_jax.data.pipeline import placeholders_per_frame
 
 KINDS = ("random", "video")
-
-
-def placeholder_counts(cfg: ml_collections.ConfigDict, num_frames: int) -> list[int]:
-    """Returns the placeholders per frame a video reserves (W each when STTS is off)."""
-    w = tokens_per_frame(cfg.model)
-    st = cfg.model.stts
-    if st.method == "none":
-        return [w] * num_frames
-    return pruning.placeholder_counts(num_frames, w, st.prune_ratio, st.prune_from_frame)
 
 
 def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
@@ -45,7 +35,7 @@ def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
         for v in range(per_row):
             start = len(seq)
             seq.append(int(rng.integers(0, vocab)))
-            for c in placeholder_counts(cfg, data.num_frames):
+            for c in placeholders_per_frame(model, data.num_frames):
                 seq += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
             answer = [int(x) for x in rng.integers(0, vocab, data.answer_len)]
             seq += answer

@@ -194,9 +194,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
 
 def step_flops(step_fn, state, batch) -> float:
     """Returns XLA's FLOP count of one train step (for MFU)."""
+    from stts_jax.train.estimate import flops_of
+
     try:  # the lowered program's estimate: no second compilation
-        analysis = step_fn.lower(state, batch).cost_analysis() or {}
-        return float(analysis.get("flops", 0.0))
+        return flops_of(step_fn.lower(state, batch).cost_analysis())
     except Exception:  # cost analysis is best effort
         return 0.0
 
