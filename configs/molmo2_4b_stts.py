@@ -1,6 +1,6 @@
 """The paper's recipe (spec §9): fine-tune Molmo2-4B with STTS at ratio 0.5, prune_at 3, 64 frames per video,
 global batch 64, 6,250 steps, AdamW (ViT 5e-6, adapter 5e-6, LLM 1e-5, scorer 1e-4), 200 warm-up steps, cosine to
-0.1x, clip 1.0, bf16 compute with float32 master weights, FSDP over the pod.
+0.1x, clip 1.0, bf16 compute with float32 master weights, FSDP over the pod (2-D data x fsdp from 256 chips).
 
   python launch/train.py --config=configs/molmo2_4b_stts.py --workdir=gs://bucket/stts-4b \\
       --config.train.init_from=/path/to/Molmo2-4B --config.data.path=/path/to/prepared_video_qa --multihost
@@ -32,6 +32,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     cfg = train_config(model)
     cfg.data.update(kind="video", num_frames=64, videos_per_batch=64, rows=64, seq_len=9728, workers=8)
-    cfg.mesh.update(data=1, fsdp=-1, tensor=1)
+    cfg.mesh.update(data=-1, fsdp=0, tensor=1)  # fsdp as wide as every embed width divides, data over the rest
     cfg.train.update(steps=6250, grad_accum=1, log_every=10, ckpt_every=250, keep_ckpts=3)
     return apply_variant(cfg, arg)

@@ -6,6 +6,9 @@
 
 import ml_collections
 
+# rows of 2 video slots with ~half of the slots empty, anywhere in a row (the two-process dummy-video test)
+EMPTY_SLOTS_DATA = dict(videos_per_batch=16, rows=8, seq_len=96, empty_slots=0.5)
+
 from stts_jax.config import stts_config, tiny_model_config, train_config
 
 

@@ -16,6 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from stts_jax import geometry  # noqa: E402
 from stts_jax.model import pruning  # noqa: E402
 
 _FRAMES = flags.DEFINE_list("frames", ["32", "64", "128"], "Frame counts (one video each).")
@@ -25,11 +26,13 @@ GRID, POOL = 27, 3
 
 
 def ours(scores, hidden, layout):
+    """Returns the library's temporal loss for scores [1, F, W] and hidden [1, F, N, D] (one row)."""
     return pruning.temporal_loss(scores, hidden, layout, grid=GRID, pool=POOL, ratio=0.5)
 
 
 def gram(scores, hidden, layout):
     """The release's formulation: cosine of every window against every window, then read adjacent pairs."""
+    scores, hidden = scores[0], hidden[0]  # the one row: [F, W], [F, N, D]
     win = pruning.window_features(hidden, GRID, POOL)
     f, w = win.shape[:2]
     flat = win.reshape(f * w, -1)
@@ -41,9 +44,10 @@ def gram(scores, hidden, layout):
 
 
 def peak_bytes(fn, frames, width):
-    layout = pruning.FrameLayout.videos(frames)
-    w = (GRID // POOL) ** 2
-    args = (jax.ShapeDtypeStruct((frames, w), jnp.float32), jax.ShapeDtypeStruct((frames, GRID * GRID, width), jnp.float32))
+    layout = geometry.FrameLayout.videos(frames)  # one row holding one video
+    w = geometry.window_patch_ids(GRID, POOL).shape[0]
+    args = (jax.ShapeDtypeStruct((1, frames, w), jnp.float32),
+            jax.ShapeDtypeStruct((1, frames, GRID * GRID, width), jnp.float32))
     step = jax.jit(jax.value_and_grad(lambda s, h: fn(s, h, layout)))
     mem = step.lower(*args).compile().memory_analysis()
     return mem.temp_size_in_bytes, mem.argument_size_in_bytes

@@ -3,7 +3,8 @@
   python launch/benchmark.py --config=configs/bench_cpu.py --frames=16,32,64 --csv=bench.csv --png=bench.png
   python launch/benchmark.py --config=configs/molmo2_4b.py --frames=128 --ratios=0,0.5 --flops_only
 
-For every frame count (one video of T frames + a question) and prune ratio it lowers and compiles the
+For every frame count (one batch row: one video of T frames + a question; row layout FrameLayout.videos(T))
+and prune ratio it lowers and compiles the
 unpruned model (STTS off) and the pruned one (scorer, the config's execution mode) and reports, as
 pruned/unpruned ratios:
   * FLOPs and bytes of the jitted forward (split ViT incl. scorer+selection+packing / adapter / LLM) and of
@@ -33,10 +34,12 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stts_jax.config import grid_size, tokens_per_frame, validate_model_config  # noqa: E402
+from stts_jax import geometry  # noqa: E402
+from stts_jax.config import validate_model_config  # noqa: E402
+from stts_jax.geometry import grid_size, tokens_per_frame  # noqa: E402
 from stts_jax.model import pruning  # noqa: E402
-from stts_jax.model.adapter import video_pooling_indices  # noqa: E402
 from stts_jax.model.vlm import Molmo2VLM, attention_mask, total_loss  # noqa: E402
+from stts_jax.train import sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Benchmark config file.")
 _FRAMES = flags.DEFINE_list("frames", ["16", "32", "64", "128"], "Frames per video.")
@@ -52,25 +55,24 @@ _CSV = flags.DEFINE_string("csv", None, "Write the table as CSV here.")
 _PNG = flags.DEFINE_string("png", None, "Write a plot (speedup vs frames, one line per ratio) here.")
 
 
-def make_batch(cfg, frames: int, ratio: float, question_len: int, seed: int = 0) -> dict:
-    """Returns a host batch: one video of `frames` frames (W*T - K placeholders) and a question."""
+def make_batch(cfg, frames: int, question_len: int, seed: int = 0) -> dict:
+    """Returns a batch-major host batch of one row: one video of `frames` frames (pixel_values [1, T, N, P];
+    W*T placeholders, W*T - K with STTS) and a question."""
     rng = np.random.default_rng(seed)
-    t, w = cfg.tokens, tokens_per_frame(cfg)
-    counts = pruning.placeholder_counts(frames, w, ratio) if cfg.stts.method != "none" else [w] * frames
+    t = cfg.tokens
+    counts = geometry.placeholders_per_frame(cfg, frames)
     text = lambda n: [int(x) for x in rng.integers(0, min(cfg.llm.vocab_size, 1000), size=n)]
     ids = text(1)
     for c in counts:
         ids += text(2) + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
     ids += text(question_len)
     length = len(ids)
-    grid = grid_size(cfg)
     loss_mask = np.zeros((1, length), np.int32)
     loss_mask[0, length - question_len - 1: length - 1] = 1
+    pixels = rng.uniform(-1, 1, size=(1, frames, geometry.patches_per_frame(cfg), geometry.patch_dim(cfg)))
     return dict(
         input_ids=np.array([ids], np.int32), segment_ids=np.ones((1, length), np.int32),
-        positions=np.arange(length, dtype=np.int32)[None],
-        pixel_values=rng.uniform(-1, 1, size=(frames, grid * grid, cfg.vit.patch_size ** 2 * 3)).astype(np.float32),
-        pooling_idx=video_pooling_indices(frames, grid, cfg.adapter.pool_size).astype(np.int32),
+        positions=np.arange(length, dtype=np.int32)[None], pixel_values=pixels.astype(np.float32),
         targets=np.roll(np.array([ids], np.int32), -1, axis=1), loss_mask=loss_mask)
 
 
@@ -101,9 +103,10 @@ class Subject:
         def train(state, batch):
             return jax.value_and_grad(lambda st: total_loss(self.model(st, fallback), batch, layout)[0])(state)
 
-        def vit(state, pixels):
-            features, rows, _ = self.model(state, fallback).vision_features(pixels, layout)
-            return features, rows
+        def vit(state, pixels):  # pixels [B, F, N, P], every slot real
+            mask = jnp.ones(pixels.shape[:2], bool)
+            features, rows, _ = self.model(state, fallback).vision_features(pixels, mask, layout)
+            return features, rows  # [B, F*N, C], [B, T_kept] or None
 
         adapter = lambda state, features, pool: self.model(state).adapter(features, pool)
 
@@ -156,8 +159,11 @@ def measure_costs(subject: Subject, batch: dict) -> tuple[dict, dict]:
         return out, reuse
     features, rows = jax.eval_shape(fns["vit"], state, b["pixel_values"])
     out["vit_flops"] = cost(fns["vit"], state, b["pixel_values"])["flops"]
-    pool_rows = rows.shape[0] if rows is not None else b["pooling_idx"].shape[0]
-    pool = jax.ShapeDtypeStruct((pool_rows, b["pooling_idx"].shape[1]), jnp.int32)
+    window = subject.cfg.adapter.pool_size ** 2
+    frames = b["pixel_values"].shape[1]
+    # the model's pooling indices: [F*W, S] shared by the rows unpruned, [B, T_kept, S] with STTS
+    pool_shape = (frames * tokens_per_frame(subject.cfg), window) if rows is None else (*rows.shape, window)
+    pool = jax.ShapeDtypeStruct(pool_shape, jnp.int32)
     out["adapter_flops"] = cost(fns["adapter"], state, features, pool)["flops"]
     length = b["input_ids"].shape[1]
     emb = jax.ShapeDtypeStruct((1, length, subject.cfg.llm.hidden_size), jnp.dtype(subject.cfg.dtype))
@@ -178,9 +184,10 @@ def median_time(fn, *args) -> float:
 
 
 def measure_times(subject: Subject, batch: dict, reuse: dict | None = None) -> dict:
+    """Returns median seconds of the forward, ViT, train step and selection + packing on one device."""
     fns = subject.fns(fallback=True)
     reuse = reuse or {}
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = sharding.to_global(batch, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     out = dict(fwd_s=median_time(reuse.get("fwd") or jax.jit(fns["fwd"]), subject.state, batch))
     if _PIECES.value:
         vit = jax.jit(fns["vit"])
@@ -197,13 +204,13 @@ def selection_and_packing(subject: Subject):
     cfg, layout = subject.cfg, subject.layout
     grid, pool, w = grid_size(cfg), cfg.adapter.pool_size, tokens_per_frame(cfg)
     st = cfg.stts
-    rows = pruning.pack_rows(pruning.kept_tokens(layout, w, st.prune_ratio), w, st.pack_slack)
+    rows = pruning.pack_rows(geometry.row_vision_tokens(cfg, layout), w, st.pack_slack)
 
-    def run(pixels):
-        f = pixels.shape[0]
-        x = jnp.broadcast_to(pixels[..., :1], (f, grid * grid, cfg.vit.hidden_size))
-        scores = jnp.mean(pixels, axis=-1)[:, :w]
-        keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio)
+    def run(pixels):  # [B, F, N, P]
+        b, f = pixels.shape[:2]
+        x = jnp.broadcast_to(pixels[..., :1], (b, f, grid * grid, cfg.vit.hidden_size))
+        scores = jnp.mean(pixels, axis=-1)[..., :w]  # [B, F, W]
+        keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio, prune_from_frame=st.prune_from_frame)
         plan = pruning.plan_packing(keep, rows)
         packed, mask = pruning.pack_tokens(x, plan, grid, pool)
         outs = [pruning.unpack_tokens(packed + i, plan, f, grid, pool) for i in range(len(cfg.adapter.feature_layers))]
@@ -252,11 +259,11 @@ def main(argv):
     rows = []
     start = time.perf_counter()
     for frames in map(int, _FRAMES.value):
-        layout = pruning.FrameLayout.videos(frames)
+        layout = geometry.FrameLayout.videos(frames)  # one row: one video of `frames` frames
         unpruned_cfg = base.copy_and_resolve_references()
         unpruned_cfg.stts.method = "none"
         unpruned = Subject(unpruned_cfg, layout, _FLOPS_ONLY.value, cfg.seed)
-        ubatch = make_batch(unpruned_cfg, frames, 0.0, cfg.question_len)
+        ubatch = make_batch(unpruned_cfg, frames, cfg.question_len)
         ucost, ureuse = measure_costs(unpruned, ubatch)
         utime = {} if _FLOPS_ONLY.value else measure_times(unpruned, ubatch, ureuse)
         del ureuse
@@ -265,7 +272,7 @@ def main(argv):
             pcfg.stts.method = "scorer"
             pcfg.stts.prune_ratio = ratio
             pruned = Subject(pcfg, layout, _FLOPS_ONLY.value, cfg.seed)
-            pbatch = make_batch(pcfg, frames, ratio, cfg.question_len)
+            pbatch = make_batch(pcfg, frames, cfg.question_len)
             pcost, _ = measure_costs(pruned, pbatch)
             row = dict(frames=frames, ratio=ratio, seq_len=pbatch["input_ids"].shape[1],
                        **{f"unpruned_{k}": v for k, v in ucost.items()}, **{f"pruned_{k}": v for k, v in pcost.items()})

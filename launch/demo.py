@@ -143,7 +143,7 @@ def compute_step_times(runs: dict, repeats: int) -> dict:
     from stts_jax.train import inputs, sharding
     from stts_jax.train.optim import make_optimizer
     from stts_jax.train.step import init_state, make_train_step, shardings_of
-    from stts_jax.train.trainer import step_flops, frame_layout, host_batch_to_global
+    from stts_jax.train.trainer import frame_layout, step_flops
 
     steps = {}
     for name, (cfg, workdir) in runs.items():
@@ -151,7 +151,7 @@ def compute_step_times(runs: dict, repeats: int) -> dict:
         model = params_io.load_train_checkpoint(workdir)[0]
         with jax.set_mesh(mesh):
             source = inputs.make_input(cfg)
-            batch = host_batch_to_global(source.next_batches(1), mesh, cfg)
+            batch = sharding.to_global(source.next_batches(1), mesh, batch_axis=1)  # [1 micro-batch, rows, ...]
             sharding.shard_model(model, mesh)
             optimizer = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
             graphdef, state = init_state(model, optimizer)

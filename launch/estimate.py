@@ -46,7 +46,8 @@ _CHIPS = flags.DEFINE_list("chips", ["8", "64", "256"], "Chip counts to estimate
 _PLATFORM = flags.DEFINE_enum("platform", "auto", ["auto", "tpu", "cpu"],
                               "Simulated devices: TPU topology (needs libtpu), fake CPU devices, or tpu if available.")
 _TPU = flags.DEFINE_enum("tpu", "v5p", ["v5p", "v5e", "v6e"], "TPU generation (--platform=tpu; one device per chip).")
-_MESH = flags.DEFINE_string("mesh", "fsdp", "fsdp (all chips on the fsdp axis) | config | D,F,T (-1 = the rest).")
+_MESH = flags.DEFINE_string("mesh", "auto", "auto (fsdp as wide as every embed width divides, data over the rest) | "
+                            "fsdp (all chips on the fsdp axis) | config | D,F,T (-1 = the rest, F=0 = auto).")
 _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 64, "Videos per optimizer step (the paper: 64).")
 _VIDEOS_PER_DEVICE = flags.DEFINE_integer("videos_per_device", 1, "Videos per data-parallel device per micro-batch.")
 _TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 256, "Question + answer tokens per video (sets seq_len).")
@@ -64,10 +65,10 @@ GIB = 1024 ** 3
 
 
 def mesh_axes(spec: str, cfg, chips: int) -> tuple[int, int, int]:
-    """Returns (data, fsdp, tensor) from --mesh, one -1 axis resolved to the remaining chips.
-
-    (Resolved here because sharding.make_mesh fills only `data=-1`; the 4B config asks for fsdp=-1.)
-    """
+    """Returns (data, fsdp, tensor) from --mesh, one -1 axis resolved to the remaining chips; fsdp 0 = auto
+    (resolved by sharding.make_mesh from the model's embed widths, data = the rest)."""
+    if spec == "auto":
+        return (-1, 0, 1)
     if spec == "fsdp":
         axes = [1, -1, 1]
     elif spec == "config":
@@ -81,6 +82,10 @@ def mesh_axes(spec: str, cfg, chips: int) -> tuple[int, int, int]:
             raise app.UsageError(f"--mesh={spec!r}: expected fsdp, config or D,F,T (e.g. 2,-1,4)")
     if axes.count(-1) > 1:
         raise app.UsageError(f"--mesh={spec!r}: at most one axis may be -1")
+    if axes[1] == 0:  # auto fsdp: make_mesh resolves it
+        if chips % axes[2]:
+            raise app.UsageError(f"--mesh={spec!r}: {chips} chips do not divide by tensor={axes[2]}")
+        return (-1, 0, axes[2])
     if -1 in axes:
         rest = -axes[0] * axes[1] * axes[2]
         if chips % rest:
@@ -100,6 +105,7 @@ def libtpu_available() -> bool:
 def run_child(chips: int) -> dict:
     """Estimates one chip count in this process (jax imported here, after XLA_FLAGS is set)."""
     import jax
+    from flax import nnx
 
     from stts_jax.config import validate_model_config
     from stts_jax.train import estimate, sharding
@@ -117,7 +123,8 @@ def run_child(chips: int) -> dict:
     if len(devices) != chips:
         raise RuntimeError(f"asked for {chips} devices, got {len(devices)}")
     data, fsdp, tensor = mesh_axes(_MESH.value, cfg, chips)
-    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices)
+    embed_dims = sharding.embed_dims_of(nnx.state(estimate.abstract_model(cfg)))
+    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, embed_dims=embed_dims)
     if not _KEEP_BATCH.value:
         cfg = estimate.scale_batch(cfg, mesh.shape["data"] * mesh.shape["fsdp"], global_batch=_GLOBAL_BATCH.value,
                                    videos_per_device=_VIDEOS_PER_DEVICE.value, text_tokens=_TEXT_TOKENS.value)
@@ -191,6 +198,18 @@ def table_cells(row: dict) -> dict:
                 fits={True: "yes", False: "NO", None: "-"}[row["fits"]])
 
 
+def print_weak_scaling(rows: list[dict]) -> None:
+    """Prints temporaries per device at each chip count relative to the first (weak scaling: goal <= 1.10)."""
+    base = rows[0]
+    if len(rows) < 2 or not base["temp_bytes"]:
+        return
+    for row in rows[1:]:
+        if row["temp_bytes"]:
+            print(f"# weak scaling: temporaries per device {gib(row['temp_bytes'])} GiB at {row['chips']} chips vs "
+                  f"{gib(base['temp_bytes'])} GiB at {base['chips']}: ratio {row['temp_bytes'] / base['temp_bytes']:.3f}"
+                  f" ({row['videos_per_micro']} vs {base['videos_per_micro']} videos per micro-batch)")
+
+
 def main(argv):
     del argv
     if _CONFIG.value is None:
@@ -226,6 +245,7 @@ def main(argv):
         rows.append(row)
         cells = table_cells(row)
         print("| " + " | ".join(fmt.format(cells[key]) for key, _, fmt in COLUMNS) + " |", flush=True)
+    print_weak_scaling(rows)
     if _CSV.value:
         new = not os.path.exists(_CSV.value)
         with open(_CSV.value, "a", newline="") as f:

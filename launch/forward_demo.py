@@ -21,11 +21,11 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stts_jax.config import grid_size, tokens_per_frame, validate_model_config  # noqa: E402
+from stts_jax.config import validate_model_config  # noqa: E402
 from stts_jax.data.processor import patchify, resize_frames, video_token_layout  # noqa: E402
 from stts_jax.data.synthetic import moving_square_frames, write_mp4  # noqa: E402
 from stts_jax.data.video import decode_frames, uniform_frame_indices  # noqa: E402
-from stts_jax.model.adapter import video_pooling_indices  # noqa: E402
+from stts_jax.geometry import FrameLayout, placeholders_per_frame, tokens_per_frame  # noqa: E402
 from stts_jax.model.vlm import Molmo2VLM, check_batch, make_forward  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
@@ -47,18 +47,19 @@ def main(argv):
     patches = patchify(resize_frames(frames[picked], model_cfg.vit.image_size), model_cfg.vit.patch_size)
     rng = np.random.default_rng(cfg.seed)
     text = lambda n: rng.integers(0, min(model_cfg.llm.vocab_size, 100), size=n).tolist()
-    ids = text(1) + video_token_layout(model_cfg, [text(2) for _ in picked]) + text(12)
+    counts = placeholders_per_frame(model_cfg, len(picked))  # W per frame (W*T - K in all with STTS)
+    ids = text(1) + video_token_layout(model_cfg, [text(2) for _ in picked], counts) + text(12)
+    layout = FrameLayout.videos(len(picked))  # the one row: one video of T frames
     batch = dict(input_ids=np.array([ids], np.int32), segment_ids=np.ones((1, len(ids)), np.int32),
-                 positions=np.arange(len(ids), dtype=np.int32)[None], pixel_values=patches,
-                 pooling_idx=video_pooling_indices(len(picked), grid_size(model_cfg), model_cfg.adapter.pool_size)
-                 .astype(np.int32))
-    check_batch(batch, model_cfg)
-    print(f"[prompt]  {len(ids)} tokens: {len(picked)} frames x {tokens_per_frame(model_cfg)} vision tokens "
-          f"+ frame markers + text; pixel_values {patches.shape}")
+                 positions=np.arange(len(ids), dtype=np.int32)[None], pixel_values=patches[None])  # [1, T, N, P]
+    check_batch(batch, model_cfg, layout)
+    print(f"[prompt]  {len(ids)} tokens: {len(picked)} frames, {sum(counts)} vision tokens (of "
+          f"{len(picked) * tokens_per_frame(model_cfg)}) + frame markers + text; pixel_values "
+          f"{batch['pixel_values'].shape}")
     model = Molmo2VLM(model_cfg, rngs=nnx.Rngs(cfg.seed))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"[model]   {params / 1e6:.2f} M parameters (random init) on {jax.devices()[0].platform}")
-    forward = make_forward(model)
+    forward = make_forward(model, layout=layout)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     t0 = time.perf_counter()
     logits = forward.apply(forward.state, batch).block_until_ready()

@@ -22,9 +22,8 @@ from absl import app, flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stts_jax.config import grid_size, stts_config, tokens_per_frame, validate_model_config  # noqa: E402
-from stts_jax.model import pruning  # noqa: E402
-from stts_jax.model.adapter import video_pooling_indices  # noqa: E402
+from stts_jax import geometry  # noqa: E402
+from stts_jax.config import stts_config, validate_model_config  # noqa: E402
 from stts_jax.model.generate import Generator, pad_prompts  # noqa: E402
 from stts_jax.model.vlm import Molmo2VLM  # noqa: E402
 
@@ -36,11 +35,12 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "New tokens per row (decod
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed prefills (median reported).")
 
 
-def make_batch(cfg, frames: int, batch: int, ratio: float, pruned: bool, seed: int = 0) -> dict:
-    """Returns a left-padded batch: `batch` videos of `frames` frames, questions of 16, 24, ... tokens."""
+def make_batch(cfg, frames: int, batch: int, seed: int = 0) -> dict:
+    """Returns a left-padded batch-major batch: `batch` rows of one video of `frames` frames each (pixel_values
+    [batch, frames, N, P]; W*T or, with STTS, W*T - K placeholders), questions of 16, 24, ... tokens."""
     rng = np.random.default_rng(seed)
-    t, w = cfg.tokens, tokens_per_frame(cfg)
-    counts = pruning.placeholder_counts(frames, w, ratio) if pruned else [w] * frames
+    t = cfg.tokens
+    counts = geometry.placeholders_per_frame(cfg, frames)
     vocab = min(cfg.llm.vocab_size, 1000)
     prompts = []
     for row in range(batch):
@@ -49,10 +49,8 @@ def make_batch(cfg, frames: int, batch: int, ratio: float, pruned: bool, seed: i
             ids += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
         prompts.append(ids + [int(x) for x in rng.integers(0, vocab, 16 + 8 * row)])
     out = pad_prompts(prompts, side="left")
-    grid = grid_size(cfg)
-    f = frames * batch
-    out["pixel_values"] = rng.uniform(-1, 1, (f, grid * grid, cfg.vit.patch_size ** 2 * 3)).astype(np.float32)
-    out["pooling_idx"] = video_pooling_indices(f, grid, cfg.adapter.pool_size).astype(np.int32)
+    shape = (batch, frames, geometry.patches_per_frame(cfg), geometry.patch_dim(cfg))
+    out["pixel_values"] = rng.uniform(-1, 1, shape).astype(np.float32)
     return out
 
 
@@ -88,10 +86,9 @@ def main(argv):
     print(header)
     for frames in [int(f) for f in _FRAMES.value]:
         t0 = time.perf_counter()
-        a = measure(plain, None, make_batch(cfg, frames, _BATCH.value, 0.0, False), _MAX_NEW.value, _REPEATS.value)
-        layout = pruning.FrameLayout.videos(*([frames] * _BATCH.value))
-        b = measure(pruned, layout, make_batch(cfg, frames, _BATCH.value, _RATIO.value, True), _MAX_NEW.value,
-                    _REPEATS.value)
+        layout = geometry.FrameLayout.videos(frames)  # every row: one video of `frames` frames
+        a = measure(plain, layout, make_batch(plain_cfg, frames, _BATCH.value), _MAX_NEW.value, _REPEATS.value)
+        b = measure(pruned, layout, make_batch(pruned_cfg, frames, _BATCH.value), _MAX_NEW.value, _REPEATS.value)
         assert a["compiles"] == b["compiles"] == 1
         print(f"{frames:>6} {a['length']:>7} {b['length']:>6} {a['prefill'] * 1e3:>16.1f} {b['prefill'] * 1e3:>15.1f} "
               f"{a['prefill'] / b['prefill']:>7.2f}x {a['cache'] / 1e6:>14.2f} {b['cache'] / 1e6:>13.2f} "

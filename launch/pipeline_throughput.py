@@ -57,7 +57,8 @@ def _prepare(root, frames):
 def _seq_len(data_dir, tokenizer, model_cfg, frames):
     """Returns videos_per_row x the longest of the first examples: rows then fill by tokens and by videos alike."""
     from stts_jax.data.examples import ExampleBuilder
-    from stts_jax.data.pipeline import open_source, placeholders_per_frame
+    from stts_jax.data.pipeline import open_source
+    from stts_jax.geometry import placeholders_per_frame
 
     builder = ExampleBuilder(tokenizer, image_size=model_cfg.vit.image_size, patch_size=model_cfg.vit.patch_size,
                              num_frames=frames, placeholders_per_frame=placeholders_per_frame(model_cfg, frames))
@@ -109,11 +110,11 @@ def _time_model(model_cfg, batch, layout, steps=5):
 
     from stts_jax.model.vlm import Molmo2VLM, total_loss
 
-    model = Molmo2VLM(model_cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
     from stts_jax.data.pipeline import BATCH_KEYS
 
-    device_batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    model = Molmo2VLM(model_cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    device_batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}  # rows [R, ...]; layout: one row's frame slots
 
     @jax.jit
     def step(state, batch):  # forward + backward: what a train step costs without the optimizer update
@@ -141,8 +142,10 @@ def main(argv):
 
 
 def _run(root, model_cfg):
+    from stts_jax.geometry import tokens_per_frame
+
     print(f"pipeline throughput on {os.cpu_count()} CPU cores: {_SOURCE.value} px h264 sources -> "
-          f"{_IMAGE.value} px frames ({(_IMAGE.value // 14 // 3) ** 2} windows/frame), STTS ratio 0.5, "
+          f"{_IMAGE.value} px frames ({tokens_per_frame(model_cfg)} windows/frame), STTS ratio 0.5, "
           f"{_ROWS.value} rows x {_VIDEOS.value} videos per batch, {_SECONDS.value:.0f} s per measurement")
     print(f"load average before: {os.getloadavg()[0]:.1f} (other processes share the cores: compare CPU-ms/clip)")
     header = f"{'T':>4} {'workers':>7} {'clips/s':>8} {'tokens/s':>9} {'CPU-ms/clip':>11} {'row fill':>8}"

@@ -192,9 +192,9 @@ def overlay_png(path: str, frames: np.ndarray, keep: np.ndarray | None, cfg, tim
         import matplotlib.pyplot as plt
     except ImportError:
         raise PredictError("--overlay needs matplotlib: pip install matplotlib") from None
-    from stts_jax.model.adapter import window_patch_ids
+    from stts_jax.geometry import grid_size, window_patch_ids
 
-    grid, pool, patch = cfg.vit.image_size // cfg.vit.patch_size, cfg.adapter.pool_size, cfg.vit.patch_size
+    grid, pool, patch = grid_size(cfg), cfg.adapter.pool_size, cfg.vit.patch_size
     ids = window_patch_ids(grid, pool)
     shown = frames.astype(np.float32) / 255.0
     if keep is not None:
@@ -222,11 +222,9 @@ def predict(checkpoint: str, video: str, question: str, choices=None, *, frames:
             ratio: float | None = None, max_new_tokens: int = 32, tokenizer: str | None = None,
             overlay: str | None = None, model=None) -> Prediction:
     """Returns the Prediction for one video and question (see the module docstring)."""
-    from stts_jax.config import tokens_per_frame
+    from stts_jax import geometry
     from stts_jax.data.processor import patchify, resize_frames
     from stts_jax.data.video import decode_frames, uniform_frame_indices
-    from stts_jax.model import pruning
-    from stts_jax.model.adapter import video_pooling_indices
     from stts_jax.model.generate import Generator, pad_prompts
 
     if overlay:
@@ -255,16 +253,14 @@ def predict(checkpoint: str, video: str, question: str, choices=None, *, frames:
     resized = resize_frames(decoded[picked], cfg.vit.image_size)
     patches = patchify(resized, cfg.vit.patch_size)
     del decoded
-    w = tokens_per_frame(cfg)
+    w = geometry.tokens_per_frame(cfg)
     t = len(picked)
-    placeholders = (pruning.placeholder_counts(t, w, use_ratio, cfg.stts.prune_from_frame) if pruned else [w] * t)
+    placeholders = geometry.placeholders_per_frame(cfg, t)  # W each, or W*T - K in all with STTS
     ids = prompt_ids(tok, cfg, stamps, placeholders, question_text(question, choices),
                      uses_frame_special_tokens(checkpoint))
-    batch = pad_prompts([ids])
-    grid = cfg.vit.image_size // cfg.vit.patch_size
-    batch.update(pixel_values=patches, pooling_idx=video_pooling_indices(t, grid, cfg.adapter.pool_size).astype(np.int32))
-    layout = pruning.FrameLayout.videos(t) if pruned else None
-    generator = Generator(model, layout)
+    batch = pad_prompts([ids])  # one row
+    batch["pixel_values"] = patches[None]  # [B=1, F=T, N, P*P*3]
+    generator = Generator(model, geometry.FrameLayout.videos(t))  # the row: one video of T frames
     eos = tok.token_id(BOS_EOS)
     t_model = time.perf_counter()
     out = generator.generate(batch, 1 if choices else max_new_tokens, stop_tokens=(eos,))
@@ -284,8 +280,8 @@ def predict(checkpoint: str, video: str, question: str, choices=None, *, frames:
     else:
         gen = out.tokens[0, : out.lengths[0]]
         answer = tok.decode([int(x) for x in gen if int(x) != eos])
-    kept = pruning.kept_tokens(pruning.FrameLayout.videos(t), w, use_ratio, cfg.stts.prune_from_frame)
-    keep = out.keep
+    kept = geometry.vision_tokens_per_video(cfg, t)
+    keep = None if out.keep is None else out.keep[0]  # [T, W] of the one row
     if overlay:
         overlay_png(overlay, resized, keep, cfg, stamps)
     return Prediction(answer=answer, option_probs=probs, vision_tokens_kept=kept, vision_tokens_total=w * t,

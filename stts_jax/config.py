@@ -165,21 +165,6 @@ def _require(cond: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field `{field}`: {message}")
 
 
-def grid_size(cfg: ml_collections.ConfigDict) -> int:
-    """Returns patches per side of a frame (27 at 378 px / patch 14)."""
-    return cfg.vit.image_size // cfg.vit.patch_size
-
-
-def windows_per_side(cfg: ml_collections.ConfigDict) -> int:
-    """Returns pooling windows per side of a frame (grid padded up to a multiple of the pool size)."""
-    return -(-grid_size(cfg) // cfg.adapter.pool_size)
-
-
-def tokens_per_frame(cfg: ml_collections.ConfigDict) -> int:
-    """Returns LLM tokens per video frame (81 at Molmo2 shapes)."""
-    return windows_per_side(cfg) ** 2
-
-
 def validate_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns `cfg` unchanged, or raises ConfigError naming the first impossible field."""
     for part in ("vit", "adapter", "llm", "tokens"):
@@ -259,11 +244,12 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
             rows=8,  # sequences per micro-batch, all hosts
             seq_len=8192,
             answer_len=4,  # random data only
+            empty_slots=0.0,  # random data only: share of video slots left empty (zeros, frame_mask 0), anywhere in a row
             workers=0,
             shuffle_seed=0,
             on_bad_video="skip",  # skip (count and report) | fail
         ),
-        mesh=dict(data=-1, fsdp=1, tensor=1),  # -1 fills with the remaining devices
+        mesh=dict(data=-1, fsdp=1, tensor=1),  # -1 fills with the remaining devices; fsdp=0: the largest fsdp dividing every embed width
         optim=dict(
             lr_vit=5e-6, lr_adapter=5e-6, lr_llm=1e-5, lr_scorer=1e-4,
             warmup_steps=200, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,

@@ -11,6 +11,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, process_id, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+variant = sys.argv[5] if len(sys.argv) > 5 else ""
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
@@ -20,6 +21,8 @@ from stts_jax.train.trainer import train  # noqa: E402
 
 cfg = tiny_train.get_config("scorer")
 cfg.train.update(steps=3, log_every=1, ckpt_every=100)
+if variant == "empty_slots":
+    cfg.data.update(tiny_train.EMPTY_SLOTS_DATA)
 cfg.mesh.update(data=-1, fsdp=1, tensor=1)
 records = train(cfg, workdir)
 with open(out, "w") as f:

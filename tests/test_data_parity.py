@@ -19,11 +19,11 @@ from transformers.video_utils import VideoMetadata  # noqa: E402
 
 from stts_jax.config import MOLMO2_TOKENS  # noqa: E402
 from stts_jax.data.processor import (SPECIAL_TOKENS, Molmo2TextEncoder, PromptFormat, format_question,  # noqa: E402
-                                     normalize_pixels, preprocess_frames, resize_frames, video_pooling_indices)
+                                     normalize_pixels, preprocess_frames, resize_frames)
 from stts_jax.data.synthetic import make_clip, write_mp4  # noqa: E402
 from stts_jax.data.tokenizer import CHAT_TOKENS, build_word_tokenizer, words_of  # noqa: E402
 from stts_jax.data.video import decode_clip, decode_frames, sample_frame_indices  # noqa: E402
-from stts_jax.model import adapter  # noqa: E402
+from stts_jax.geometry import video_pooling_indices  # noqa: E402
 
 QUESTION = "What happens in the video?"
 OPTIONS = ["a man rides a bike", "a red square moves left", "nothing moves"]
@@ -75,8 +75,7 @@ def test_video_processor_parity(which, num_frames, bikes_mp4, generated_mp4, pro
     assert patches.shape == ref["pixel_values_videos"].shape
     assert np.abs(patches - ref["pixel_values_videos"]).max() == 0.0  # bit-identical (the bar is 1e-5)
     t, grid = len(ours.indices), 27
-    np.testing.assert_array_equal(video_pooling_indices(t, grid, 3), ref["video_token_pooling"])
-    np.testing.assert_array_equal(adapter.video_pooling_indices(t, grid, 3), ref["video_token_pooling"])
+    np.testing.assert_array_equal(video_pooling_indices(t, grid, 3), ref["video_token_pooling"])  # what the model pools
     np.testing.assert_array_equal(ref["video_grids"], [[t, 9, 9]])
 
 

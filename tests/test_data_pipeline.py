@@ -1,6 +1,7 @@
 """tfds builder -> ArrayRecord -> Grain pipeline on the synthetic benchmark: round trip, packing invariants,
-row fill at STTS ratio 0.5, checkpointable iterator state, per-host slices, global arrays, and the tiny model
-consuming a packed batch exactly as it consumes its examples one by one."""
+row fill at STTS ratio 0.5, checkpointable iterator state, per-host slices, global arrays, every packed row's
+frames agreeing with its placeholders, and the tiny model consuming a packed batch exactly as it consumes its
+examples one by one."""
 
 import json
 import os
@@ -12,16 +13,16 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from stts_jax.config import stts_config, tiny_model_config, tokens_per_frame
+from stts_jax.config import stts_config, tiny_model_config
+from stts_jax.geometry import FrameLayout, placeholders_per_frame, prune_count, tokens_per_frame
 from stts_jax.data.examples import ExampleBuilder
-from stts_jax.data.pipeline import (ExampleTooLongError, data_config, make_global_batch, make_pipeline, open_source,
-                                    placeholders_per_frame)
+from stts_jax.data.pipeline import BATCH_KEYS, ExampleTooLongError, data_config, make_pipeline, open_source
 from stts_jax.data.processor import normalize_pixels
 from stts_jax.data.synthetic import ClipSpec, write_benchmark
 from stts_jax.data.tfds_builders.video_qa import VideoQa
-from stts_jax.model import pruning
+from stts_jax.model import vlm
 from stts_jax.model.vlm import Molmo2VLM
-from stts_jax.train.sharding import make_mesh
+from stts_jax.train.sharding import make_mesh, to_global
 
 T = 16
 NUM_CLIPS = 12  # x 4 question kinds = 48 examples
@@ -86,7 +87,7 @@ def test_packing_keeps_every_example_whole(dataset):
     cfg = model_config(0.5)
     tok = cfg.tokens
     w = tokens_per_frame(cfg)
-    kept = w * T - pruning.prune_count(T, w, 0.5)  # 72 placeholders per video at ratio 0.5
+    kept = w * T - prune_count(T, w, 0.5)  # 72 placeholders per video at ratio 0.5
     examples = _examples(dataset)
     seen = []
     for batch in pipeline(dataset, shuffle=False):
@@ -94,6 +95,8 @@ def test_packing_keeps_every_example_whole(dataset):
         for r in range(batch["input_ids"].shape[0]):
             seg = batch["segment_ids"][r]
             n = int(seg.max())
+            np.testing.assert_array_equal(batch["frame_mask"][r], np.arange(8 * T) < n * T)  # videos first
+            assert np.all(batch["pixel_values"][r, n * T:] == 0)  # empty slots hold zeros
             assert np.all(seg[: np.count_nonzero(seg)] > 0) and np.all(seg[np.count_nonzero(seg):] == 0)  # pad last
             assert n == batch["row_videos"][r]
             for s in range(1, n + 1):
@@ -110,13 +113,12 @@ def test_packing_keeps_every_example_whole(dataset):
                 vision = np.isin(ids, [tok.image_patch_id, tok.frame_start_id, tok.frame_end_id])
                 assert not np.any(ex["loss_mask"].astype(bool) & vision)  # loss only on answer tokens
                 assert ex["loss_mask"].sum() == 2  # the option letter and <|im_end|>
-                frames = batch["pixel_values"][vids * T: (vids + 1) * T]
-                np.testing.assert_array_equal(frames, normalize_pixels(ex["frames"]))  # videos in sequence order
+                frames = batch["pixel_values"][r, (s - 1) * T: s * T]
+                np.testing.assert_array_equal(frames, normalize_pixels(ex["frames"]))  # row's videos in sequence order
                 vids += 1
                 seen.append(record)
+            assert np.sum(batch["input_ids"][r] == tok.image_patch_id) == n * kept
         assert batch["num_videos"] == vids
-        assert np.all(batch["pixel_values"][vids * T:] == 0)  # dummy videos at the end
-        assert np.sum(batch["input_ids"] == tok.image_patch_id) == vids * kept
     assert sorted(seen) == sorted(examples)  # nothing lost, nothing twice
 
 
@@ -158,7 +160,7 @@ def test_host_slices_partition_the_data(dataset):
     for host in range(2):
         data = data_config(data_dir=data_dir, tokenizer=tokenizer, num_frames=4, seq_len=512, rows=4, videos_per_row=4)
         p = make_pipeline(data, model_config(0.5), process_index=host, process_count=2)
-        assert p.geometry.rows == 2 and p.layout.num_frames == 2 * 2 * 4 * 4  # global: 2 hosts x 8 videos x T
+        assert p.geometry.rows == 2 and p.layout == FrameLayout.video_slots(4, 4)  # one row: 4 videos x T
         host_seen = [int(i) for b in p for i in b["record"][b["record"] >= 0]]
         assert len(host_seen) == len(set(host_seen))
         seen.append(set(host_seen))
@@ -166,29 +168,62 @@ def test_host_slices_partition_the_data(dataset):
 
 
 def test_global_batch_on_the_mesh(dataset):
-    from jax.sharding import PartitionSpec as P
-
+    """sharding.to_global turns a host batch into global arrays whose rows (pixels and frame mask included)
+    are split over the 8 simulated devices when they divide, else replicated."""
     mesh = make_mesh()  # 8 simulated devices on the data axis
     for rows, sharded in ((8, True), (2, False)):
         p = pipeline(dataset, num_frames=4, seq_len=256, rows=rows, videos_per_row=2)
         it = iter(p)
         batch = next(it)
         it.close()
-        arrays = make_global_batch(batch, mesh, p.geometry)
+        assert set(BATCH_KEYS) <= set(batch) and "pooling_idx" not in batch
+        assert batch["pixel_values"].shape[:2] == batch["frame_mask"].shape == (rows, 2 * 4)
+        arrays = to_global({k: batch[k] for k in BATCH_KEYS}, mesh)
+        assert set(arrays) == set(BATCH_KEYS)
         for key, value in arrays.items():
-            np.testing.assert_array_equal(np.asarray(value), batch[key])
-        assert arrays["input_ids"].sharding.spec == (P(("data", "fsdp"), None) if sharded else P())
-        assert arrays["pixel_values"].shape[0] == rows * 2 * 4  # frames: divisible by 8 either way
-        assert arrays["pixel_values"].sharding.spec == P(("data", "fsdp"), None, None)
-        assert arrays["pooling_idx"].sharding.spec == P()
+            np.testing.assert_array_equal(np.asarray(value), batch[key], err_msg=key)
+            local_rows = {shard.data.shape[0] for shard in value.addressable_shards}
+            assert local_rows == {rows // 8 if sharded else rows}, key
+
+
+def _batches(p):
+    """Returns every host batch of a (finite) pipeline."""
+    it = iter(p)
+    out = list(it)
+    it.close()
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_packed_rows_frames_agree_with_their_placeholders(dataset, ratio):
+    """Every row of every batch (rows with empty video slots, and the empty rows padding the last batch): its
+    image-patch placeholders are exactly the vision tokens the model makes of its real frames, its empty slots
+    hold zeros, and vlm.check_batch accepts the batch, unpruned and with STTS at 0.5."""
+    cfg = model_config(ratio)
+    p = pipeline(dataset, ratio, shuffle=False, num_frames=4, seq_len=300, rows=3, videos_per_row=4)
+    layout = p.layout
+    assert layout == FrameLayout.video_slots(4, 4)
+    empty_slots = empty_rows = 0
+    for batch in _batches(p):
+        mask = batch["frame_mask"]
+        placeholders = (batch["input_ids"] == cfg.tokens.image_patch_id).sum(1)
+        np.testing.assert_array_equal(placeholders, vlm.expected_row_tokens(cfg, layout, mask))
+        np.testing.assert_array_equal(placeholders, batch["row_videos"] * sum(placeholders_per_frame(cfg, 4)))
+        vlm.check_batch(batch, cfg, layout)
+        assert np.all(batch["pixel_values"][mask == 0] == 0)
+        assert np.all(np.abs(batch["pixel_values"][mask == 1]).max(axis=(1, 2)) > 0)  # real frames are not zeros
+        np.testing.assert_array_equal(mask.reshape(3, 4, 4).min(2), mask.reshape(3, 4, 4).max(2))  # whole videos
+        empty_slots += int((mask == 0).sum())
+        empty_rows += int((mask.sum(1) == 0).sum())
+    assert empty_slots and empty_rows  # the case this test is about actually happens
 
 
 def test_tiny_model_sees_the_same_example_packed_or_alone(dataset):
-    """Logits of an example inside a packed batch (several videos, dummy videos, STTS at 0.5) equal its logits
+    """Logits of an example inside a packed batch (several videos a row, empty slots, STTS at 0.5) equal its logits
     when it is alone in the batch: frames are in sequence order and nothing leaks between examples."""
     cfg = model_config(0.5)
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(0))
-    keys = ("input_ids", "segment_ids", "positions", "pixel_values", "pooling_idx")
+    keys = ("input_ids", "segment_ids", "positions", "pixel_values", "frame_mask")
     packed_pipe = pipeline(dataset, shuffle=False, num_frames=4, seq_len=300, rows=2, videos_per_row=4)
     alone_pipe = pipeline(dataset, shuffle=False, num_frames=4, seq_len=128, rows=1, videos_per_row=1)
 
@@ -204,7 +239,7 @@ def test_tiny_model_sees_the_same_example_packed_or_alone(dataset):
     it = iter(packed_pipe)
     packed = next(it)
     it.close()
-    assert 0 < packed["num_videos"] < packed_pipe.geometry.videos_per_batch  # some dummies at the end
+    assert 0 < packed["num_videos"] < packed_pipe.geometry.videos_per_batch  # some empty video slots
     packed_logits = logits(packed, packed_pipe.layout)
     slots = [(r, s) for r in range(2) for s in range(1, packed["row_videos"][r] + 1)][:3]
     wanted = {int(packed["record"][r, s - 1]): (r, s) for r, s in slots}

@@ -12,7 +12,7 @@ from stts_jax.train import estimate, sharding
 from stts_jax.train.inputs import random_micro_batch
 from stts_jax.train.optim import make_optimizer
 from stts_jax.train.step import init_state
-from stts_jax.train.trainer import build_model, host_batch_to_global
+from stts_jax.train.trainer import build_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
@@ -24,10 +24,9 @@ def tiny_cfg(method="scorer"):
 
 
 def real_state(cfg, mesh):
-    """The trainer's state (trainer.train: build_model -> shard_model -> make_optimizer -> init_state)."""
+    """The trainer's state (trainer.train: build_model (sharded init) -> make_optimizer -> init_state)."""
     with jax.set_mesh(mesh):
-        model = build_model(cfg)
-        sharding.shard_model(model, mesh)
+        model = build_model(cfg, mesh)
         optimizer = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
         return init_state(model, optimizer)[1]
 
@@ -62,7 +61,7 @@ def test_abstract_batch_matches_the_trainers_global_batch():
     host = [random_micro_batch(cfg, i) for i in range(2)]
     host = {k: np.stack([h[k] for h in host]) for k in host[0]}
     with jax.set_mesh(mesh):
-        real = host_batch_to_global(host, mesh, cfg)
+        real = sharding.to_global(host, mesh, batch_axis=1)
     abstract = estimate.abstract_batch(cfg, mesh)
     assert set(abstract) == set(real)
     for key, value in real.items():

@@ -16,12 +16,11 @@ from flax import nnx
 
 from stts_jax.config import stts_config, tiny_model_config
 from stts_jax.data.examples import ExampleBuilder
-from stts_jax.data.pipeline import placeholders_per_frame
-from stts_jax.data.processor import normalize_pixels, video_pooling_indices
+from stts_jax.data.processor import normalize_pixels
 from stts_jax.data.synthetic import ClipSpec, make_flash_clip, write_benchmark
 from stts_jax.data.tfds_builders.video_qa import VideoQa
+from stts_jax.geometry import FrameLayout, placeholders_per_frame
 from stts_jax.interop import params_io
-from stts_jax.model.pruning import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM
 from stts_jax.train import evaluate as ev
 
@@ -74,16 +73,14 @@ def test_batched_answer_logits_equal_each_example_alone(flash_set, method, ratio
     builder = ExampleBuilder(tok, image_size=cfg.vit.image_size, patch_size=cfg.vit.patch_size, num_frames=T,
                              placeholders_per_frame=placeholders_per_frame(cfg, T))
     source = {int(r["index"]): r for r in (dict(x) for x in _source(data_dir))}
-    grid = cfg.vit.image_size // cfg.vit.patch_size
     assert len(result.predictions) == 10
     for index, pred, answer in result.predictions:
         ex = builder(source[index])
         n = len(ex["input_ids"])
         batch = dict(input_ids=ex["input_ids"][None], segment_ids=np.ones((1, n), np.int32),
                      positions=np.arange(n, dtype=np.int32)[None],
-                     pixel_values=normalize_pixels(ex["frames"]),
-                     pooling_idx=video_pooling_indices(T, grid, cfg.adapter.pool_size).astype(np.int32))
-        logits = np.asarray(m(batch, FrameLayout.videos(T) if method != "none" else None))[0]
+                     pixel_values=normalize_pixels(ex["frames"])[None])  # one row: [1, T, N, P]
+        logits = np.asarray(m(batch, FrameLayout.videos(T)))[0]
         first = int(np.argmax(ex["loss_mask"]))
         letters = [builder.encoder.ids(c)[0] for c in "ABCD"]
         assert pred == int(np.argmax(logits[first, letters])), index
@@ -91,8 +88,8 @@ def test_batched_answer_logits_equal_each_example_alone(flash_set, method, ratio
 
 
 def test_random_pruning_scores_every_example_once(flash_set):
-    """Random keeps depend on the batch's frame list, so no per-example logits to compare: every validation
-    example is answered once, against its own answer, at the pruned token count."""
+    """Random keeps depend on the row's place in the batch, so no per-example logits to compare: every
+    validation example is answered once, against its own answer, at the pruned token count."""
     data_dir, records, tok = flash_set
     m = ev.with_stts(model("scorer"), "random", 0.5)
     result = ev.evaluate(m, data_dir, tokenizer=tok, method="random", ratio=0.5, frames=T, rows=3, progress=False)

@@ -13,11 +13,11 @@ import torch
 from flax import nnx
 
 from oracle import LAYOUT_IDS
-from stts_helpers import stts_batch, stts_tiny_config
+from stts_helpers import real_frames, stts_batch, stts_tiny_config
 from stts_jax.config import tiny_model_config
+from stts_jax.geometry import FrameLayout, prune_count, video_pooling_indices
 from stts_jax.interop import hf_export, params_io
 from stts_jax.interop.hf_import import CheckpointError
-from stts_jax.model.pruning import prune_count
 from stts_jax.model.vlm import Molmo2VLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,12 +55,31 @@ def flat_params(model):
     return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def one_example_per_row(flat, frames_per_video):
+    """Returns (pixel_values [B, F, N, P], frame_mask [B, F], row layout) from HF's flat frame list [sum T, N, P]:
+    row i holds example i's video in its own slot of the layout videos(*frames_per_video), the other slots
+    empty (zeros), so STTS sees whole videos whatever the frame counts."""
+    frames_per_video = list(frames_per_video)
+    b, f = len(frames_per_video), sum(frames_per_video)
+    assert flat.shape[0] == f, (flat.shape, frames_per_video)
+    pixels = np.zeros((b, f, *flat.shape[1:]), np.float32)
+    mask = np.zeros((b, f), np.int32)
+    for i, start in enumerate(np.cumsum([0] + frames_per_video[:-1])):
+        span = slice(start, start + frames_per_video[i])
+        pixels[i, span], mask[i, span] = flat[span], 1
+    return pixels, mask, FrameLayout.videos(*frames_per_video)
+
+
 def torch_inputs(batch, frames_per_video):
+    """Returns transformers' (flat) inputs for a batch-major batch of one example per row (tiny config: 9x9 patches)."""
+    pixels = real_frames(batch)
+    assert pixels.shape[0] == sum(frames_per_video), (pixels.shape, frames_per_video)
+    pooling = video_pooling_indices(pixels.shape[0], 9, 3)
     return dict(input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)),
                 attention_mask=torch.from_numpy((batch["segment_ids"] > 0).astype(np.int64)),
                 mm_token_type_ids=torch.from_numpy(np.isin(batch["input_ids"], LAYOUT_IDS).astype(np.int64)),
-                pixel_values_videos=torch.from_numpy(batch["pixel_values"]),
-                video_token_pooling=torch.from_numpy(batch["pooling_idx"].astype(np.int64)),
+                pixel_values_videos=torch.from_numpy(np.ascontiguousarray(pixels)),
+                video_token_pooling=torch.from_numpy(pooling.astype(np.int64)),
                 video_grids=torch.tensor([[t, 3, 3] for t in frames_per_video]))
 
 

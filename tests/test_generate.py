@@ -7,13 +7,12 @@ import pytest
 import torch
 from flax import nnx
 
-from oracle import LAYOUT_IDS, tiny_hf_model, video_example
+from oracle import tiny_hf_model, video_example
 from stts_helpers import stts_tiny_config
 from stts_jax.interop.hf_import import load_molmo2
 from stts_jax.model import pruning
-from stts_jax.model.adapter import video_pooling_indices
 from stts_jax.model.generate import Generator, pad_prompts, sample_tokens
-from test_export import perturbed_model
+from test_export import one_example_per_row, perturbed_model, torch_inputs
 
 FRAMES = [2, 3]
 
@@ -32,22 +31,16 @@ def prompt_batch(side, seed=0, question_lens=(4, 9)):
     rng = np.random.default_rng(seed)
     prompts = [video_example(rng, t, 9, q) for t, q in zip(FRAMES, question_lens)]
     batch = pad_prompts(prompts, side=side)
-    f = sum(FRAMES)
-    batch["pixel_values"] = rng.uniform(-1, 1, (f, 81, 588)).astype(np.float32)
-    batch["pooling_idx"] = video_pooling_indices(f, 9, 3).astype(np.int32)
+    flat = rng.uniform(-1, 1, (sum(FRAMES), 81, 588)).astype(np.float32)  # HF's frame list, video by video
+    batch["pixel_values"], batch["frame_mask"], _ = one_example_per_row(flat, FRAMES)  # [B, F, N, P], [B, F]
     return batch
 
 
 def hf_generate(hf, batch, steps, **kwargs):
-    ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+    inputs = torch_inputs(batch, FRAMES)  # the same frames in transformers' flat format
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=torch.from_numpy(batch["segment_ids"].astype(np.int64)),
-                          mm_token_type_ids=torch.from_numpy(np.isin(batch["input_ids"], LAYOUT_IDS).astype(np.int64)),
-                          pixel_values_videos=torch.from_numpy(batch["pixel_values"]),
-                          video_token_pooling=torch.from_numpy(batch["pooling_idx"].astype(np.int64)),
-                          video_grids=torch.tensor([[t, 3, 3] for t in FRAMES]),
-                          max_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
-    return out[:, ids.shape[1]:].numpy()
+        out = hf.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:].numpy()
 
 
 def test_greedy_equals_transformers_generate_and_compiles_once(models):
@@ -119,10 +112,9 @@ def test_pruned_generation_equals_recomputed_forward_and_shrinks_the_cache():
         prompts.append(ids + [int(x) for x in rng.integers(0, 100, q)])
     steps = 5
     batch = pad_prompts(prompts, side="right")
-    f = sum(frames)
-    batch["pixel_values"] = rng.uniform(-1, 1, (f, 81, 588)).astype(np.float32)
-    batch["pooling_idx"] = video_pooling_indices(f, 9, 3).astype(np.int32)
-    layout = pruning.FrameLayout.videos(*frames)
+    flat = rng.uniform(-1, 1, (sum(frames), 81, 588)).astype(np.float32)
+    # one example per row, each in its own video slot of the row layout videos(4, 3) (the other slot empty)
+    batch["pixel_values"], batch["frame_mask"], layout = one_example_per_row(flat, frames)
     with jax.default_matmul_precision("highest"):
         out = Generator(model, layout).generate(batch, steps)
         # reference: no cache, the whole sequence again for every new token (right-padded rows, then tokens)
@@ -131,11 +123,13 @@ def test_pruned_generation_equals_recomputed_forward_and_shrinks_the_cache():
         length = max(len(p) for p in prompts) + steps  # one shape: one compilation
         for _ in range(steps):
             ref_batch = dict(pad_prompts(seqs, side="right", length=length), pixel_values=batch["pixel_values"],
-                             pooling_idx=batch["pooling_idx"])
+                             frame_mask=batch["frame_mask"])
             logits = np.asarray(forward(model, {k: jnp.asarray(v) for k, v in ref_batch.items()}))
             for i, s in enumerate(seqs):
                 s.append(int(logits[i, len(s) - 1].argmax()))
     np.testing.assert_array_equal(out.tokens, np.array([s[-steps:] for s in seqs]))
     unpruned = max(len(p) + pruning.prune_count(n, 9, 0.5) for p, n in zip(prompts, frames))  # W*T placeholders
     assert out.cache_length == max(len(p) for p in prompts) + steps < unpruned + steps
-    assert out.keep is not None and out.keep.sum() == pruning.kept_tokens(layout, 9, 0.5)
+    assert out.keep is not None and out.keep.shape == (2, sum(frames), 9)
+    real = out.keep[batch["frame_mask"].astype(bool)]  # [sum T, W]: each row's real frames
+    assert real.sum() == sum(pruning.kept_tokens(pruning.FrameLayout.videos(n), 9, 0.5) for n in frames)

@@ -19,23 +19,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path):
-    import tiny_train
-
-    cfg = tiny_train.get_config("scorer")
-    cfg.train.update(steps=3, log_every=1, ckpt_every=100)
-    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
-
+def run_two_processes(tmp_path, variant=""):
+    """Returns the two workers' results (losses, device counts) of multihost_worker.py."""
     port = free_port()
     worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / "multi"),
-                               str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE,
+                               str(tmp_path / f"out{i}.json"), variant], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     results = [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)]
     assert results[0]["devices"] == 8 and results[0]["local"] == 4
+    return results
+
+
+def test_two_processes_match_single_process(tmp_path):
+    import tiny_train
+
+    cfg = tiny_train.get_config("scorer")
+    cfg.train.update(steps=3, log_every=1, ckpt_every=100)
+    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
+    results = run_two_processes(tmp_path)
+    np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
+    np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)
+
+
+def test_two_processes_both_holding_dummy_videos_match_single_process(tmp_path):
+    """Empty video slots (dummies) on BOTH hosts, anywhere in their rows: the same losses as one process."""
+    import tiny_train
+
+    from stts_jax.train.inputs import random_micro_batch
+
+    cfg = tiny_train.get_config("scorer")
+    cfg.train.update(steps=3, log_every=1, ckpt_every=100)
+    cfg.data.update(tiny_train.EMPTY_SLOTS_DATA)
+    for step in range(3):  # the data really put dummies on both hosts (rows 0-3 and 4-7), not only at row ends
+        mask = random_micro_batch(cfg, step)["frame_mask"]
+        empty = mask.reshape(8, 2, -1)[:, :, 0] == 0  # [rows, slots]
+        assert empty[:4].any() and empty[4:].any() and empty[:, 0].any() and empty.sum() < 16, empty
+    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
+    results = run_two_processes(tmp_path, "empty_slots")
     np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
     np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)

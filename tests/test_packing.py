@@ -1,4 +1,7 @@
-"""`packed` execution: equal to `masked` on every kept token for random and adversarial keep patterns."""
+"""`packed` execution: equal to `masked` on every kept token for random and adversarial keep patterns
+(batch-major: several batch rows with different patterns; one overflowing row sends the batch to `masked`)."""
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,11 @@ def keep_from_counts(counts, rng):
     return keep
 
 
+def keep_rows(count_rows, rng):
+    """A batch-major keep mask [B, F, W] from per-row frame counts (random window places)."""
+    return np.stack([keep_from_counts(c, rng) for c in count_rows])
+
+
 PATTERNS = {
     "random_half": lambda rng: [81] + list(rng.integers(20, 62, size=7)),
     "all_41": lambda rng: [41] * 8,
@@ -45,61 +53,103 @@ PATTERNS = {
 }
 
 
-def later_outputs(model, x, keep, execution, slack):
-    later, wanted = [2, 3, 4], [3, 4]
-    rows = pruning.pack_rows(int(keep.sum()), W, slack)
-    return model.later_blocks(x, jnp.asarray(keep), later, wanted, execution, rows)
+def later_outputs(model, x, keep, execution, num_rows):
+    """Returns the outputs [B, F, N, D] of ViT blocks 3 and 4 after blocks 2..4 ran on keep [B, F, W]."""
+    return model.later_blocks(x, jnp.asarray(keep), [2, 3, 4], [3, 4], execution, num_rows)
+
+
+def assert_packed_equals_masked(model, x, keep, num_rows):
+    """Runs both executions on x [B, F, N, D] / keep [B, F, W]; asserts equality on every kept token of every
+    row (and zeros at pruned positions unless some row overflowed). Returns (the plan's overflow [B],
+    masked outputs, packed outputs)."""
+    plan = pruning.plan_packing(jnp.asarray(keep), num_rows)
+    overflow = np.asarray(plan.overflow)
+    assert overflow.shape == (keep.shape[0],)
+    with jax.default_matmul_precision("highest"):
+        masked = later_outputs(model, x, keep, "masked", num_rows)
+        packed = later_outputs(model, x, keep, "packed", num_rows)
+    kept = np.asarray(pruning.windows_to_patches(jnp.asarray(keep), GRID, POOL))  # [B, F, N]
+    for m, p in zip(masked, packed):
+        m, p = np.asarray(m), np.asarray(p)
+        assert p.shape == m.shape == x.shape
+        for b in range(keep.shape[0]):
+            np.testing.assert_allclose(p[b][kept[b]], m[b][kept[b]], atol=1e-5, rtol=0, err_msg=f"row {b}")
+        assert np.all(p[~kept] == 0) or overflow.any()
+    return overflow, masked, packed
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("slack", [0.05, 1.0])
 def test_packed_equals_masked_on_kept_tokens(model, name, slack):
-    rng = np.random.default_rng(abs(hash(name)) % 1000)
-    keep = keep_from_counts(PATTERNS[name](rng), rng)
-    x = jnp.asarray(rng.normal(size=(keep.shape[0], GRID * GRID, 32)).astype(np.float32))
-    plan = pruning.plan_packing(jnp.asarray(keep), pruning.pack_rows(int(keep.sum()), W, slack))
-    with jax.default_matmul_precision("highest"):
-        masked = later_outputs(model, x, keep, "masked", slack)
-        packed = later_outputs(model, x, keep, "packed", slack)
-    kept = np.asarray(pruning.windows_to_patches(jnp.asarray(keep), GRID, POOL))
-    for m, p in zip(masked, packed):
-        np.testing.assert_allclose(np.asarray(p)[kept], np.asarray(m)[kept], atol=1e-5, rtol=0)
-        assert np.all(np.asarray(p)[~kept] == 0) or bool(plan.overflow)
+    """Row 0 holds the named pattern, row 1 the same frame counts shuffled over frames at other windows
+    (same kept total, so the same budget and the same fit)."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()) % 1000)  # str hash() differs between processes
+    counts = PATTERNS[name](rng)
+    keep = keep_rows([counts, rng.permutation(counts)], rng)
+    x = jnp.asarray(rng.normal(size=(*keep.shape[:2], GRID * GRID, 32)).astype(np.float32))
+    num_rows = pruning.pack_rows(int(keep[0].sum()), W, slack)
+    overflow, _, _ = assert_packed_equals_masked(model, x, keep, num_rows)
+    assert overflow[0] == overflow[1]
     if name == "all_41":  # 8 frames of 41 windows need 8 rows: overflow at slack 0.05, packed at 1.0
-        assert bool(plan.overflow) == (slack == 0.05)
+        assert overflow.all() == (slack == 0.05)
     elif slack == 1.0:
-        assert not bool(plan.overflow)
+        assert not overflow.any()
+
+
+def test_one_overflowing_row_sends_the_whole_batch_to_masked(model):
+    """Row 0 (all 41) cannot fit the budget, rows 1 and 2 can: the batch takes the exact masked branch, so
+    every row equals masked everywhere (pruned positions included, where packing would leave zeros); the
+    same fitting rows without row 0 take the packed branch."""
+    rng = np.random.default_rng(7)
+    fitting = [[81, 20, 30, 25, 40, 35, 20, 30], [81, 2, 60, 5, 0, 41, 33, 9]]
+    keep = keep_rows([[41] * 8] + fitting, rng)
+    num_rows = pruning.pack_rows(41 * 8, W, 0.05)  # 5 rows of 81 windows; 8 frames of 41 need 8
+    x = jnp.asarray(rng.normal(size=(*keep.shape[:2], GRID * GRID, 32)).astype(np.float32))
+    overflow, masked, packed = assert_packed_equals_masked(model, x, keep, num_rows)
+    assert overflow.tolist() == [True, False, False]
+    for m, p in zip(masked, packed):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(m), atol=1e-5, rtol=0)
+    kept = np.asarray(pruning.windows_to_patches(jnp.asarray(keep[1:]), GRID, POOL))
+    overflow, _, packed = assert_packed_equals_masked(model, x[1:], keep[1:], num_rows)
+    assert not overflow.any()
+    assert all(np.all(np.asarray(p)[~kept] == 0) for p in packed), "fitting rows alone must take the packed branch"
 
 
 def test_plan_keeps_every_window_exactly_once():
     rng = np.random.default_rng(3)
     for _ in range(20):
-        counts = [81] + list(rng.integers(0, 82, size=11))
-        keep = keep_from_counts(counts, rng)
-        rows = pruning.pack_rows(int(keep.sum()), W, 1.0)
-        plan = pruning.plan_packing(jnp.asarray(keep), rows)
-        src = np.asarray(plan.source_window)
-        if bool(plan.overflow):
-            continue
-        placed = np.sort(src[src >= 0])
-        np.testing.assert_array_equal(placed, np.nonzero(keep.reshape(-1))[0])
-        for row in src:  # a frame never spans two rows
-            frames = set((row[row >= 0] // W).tolist())
-            for f in frames:
-                assert (src // W == f).any(axis=1).sum() == 1
+        keep = keep_rows([[81] + list(rng.integers(0, 82, size=11)) for _ in range(3)], rng)  # [3, 12, W]
+        num_rows = pruning.pack_rows(int(keep.sum((1, 2)).max()), W, 1.0)
+        plan = pruning.plan_packing(jnp.asarray(keep), num_rows)
+        src, overflow = np.asarray(plan.source_window), np.asarray(plan.overflow)
+        assert src.shape == (3, num_rows, W)
+        for b in range(keep.shape[0]):
+            alone = pruning.plan_packing(jnp.asarray(keep[b:b + 1]), num_rows)  # rows are planned independently
+            np.testing.assert_array_equal(np.asarray(alone.source_window)[0], src[b])
+            assert bool(alone.overflow[0]) == overflow[b]
+            if overflow[b]:
+                continue
+            placed = np.sort(src[b][src[b] >= 0])
+            np.testing.assert_array_equal(placed, np.nonzero(keep[b].reshape(-1))[0])
+            for row in src[b]:  # a frame never spans two rows
+                frames = set((row[row >= 0] // W).tolist())
+                for f in frames:
+                    assert (src[b] // W == f).any(axis=1).sum() == 1
 
 
 def test_gradients_agree(model):
     rng = np.random.default_rng(5)
-    keep = keep_from_counts([81, 40, 30, 45, 20, 41, 35, 39], rng)
-    x = jnp.asarray(rng.normal(size=(8, GRID * GRID, 32)).astype(np.float32))
+    counts = [81, 40, 30, 45, 20, 41, 35, 39]
+    keep = keep_rows([counts, [81, 35, 39, 20, 45, 30, 41, 40]], rng)  # two rows, different patterns
+    x = jnp.asarray(rng.normal(size=(2, 8, GRID * GRID, 32)).astype(np.float32))
     kept = jnp.asarray(pruning.windows_to_patches(jnp.asarray(keep), GRID, POOL))
+    num_rows = pruning.pack_rows(sum(counts), W, 0.05)
+    assert not np.asarray(pruning.plan_packing(jnp.asarray(keep), num_rows).overflow).any()  # packed is exercised
     graphdef, state = nnx.split(model)
 
     def loss(state, x, execution):
         m = nnx.merge(graphdef, state)
-        outs = m.later_blocks(x, jnp.asarray(keep), [2, 3, 4], [3, 4], execution,
-                              pruning.pack_rows(int(keep.sum()), W, 0.05))
+        outs = m.later_blocks(x, jnp.asarray(keep), [2, 3, 4], [3, 4], execution, num_rows)
         return sum(jnp.sum(jnp.where(kept[..., None], jnp.sin(o), 0.0)) for o in outs)
 
     with jax.default_matmul_precision("highest"):
@@ -126,10 +176,12 @@ def test_full_model_packed_equals_masked_and_compiles_once():
 
     with jax.default_matmul_precision("highest"):
         for seed in range(3):
-            batch, _ = stts_batch(cfg_packed, [3, 2], seed=seed)
+            batch, batch_layout = stts_batch(cfg_packed, [3, 2], seed=seed)  # row i fills slot i
+            assert batch_layout == layout
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
             logits_p, aux_p = forward_p(state, batch)
             logits_m, aux_m = model_m.forward(batch, layout)
+            assert aux_p["keep"].shape == (2, 5, W)
             np.testing.assert_array_equal(np.asarray(aux_p["keep"]), np.asarray(aux_m["keep"]))
             np.testing.assert_allclose(np.asarray(logits_p), np.asarray(logits_m), atol=1e-5, rtol=0)
     assert forward_p._cache_size() == 1

@@ -3,6 +3,10 @@
 The reference below is written from STTS_SPEC.md sections 3-6 and the pruning API contract, with plain loops and
 float64 arithmetic; it shares no code with `stts_jax.model.pruning` (not even the window layout helper, which is
 re-derived here and only cross-checked against `window_patch_ids`).
+
+The reference works on ONE batch row (a flat frame list in the test's layout). The library is called batch-major
+with B = 2 rows holding different random inputs, and each row is checked against the reference on its own
+(which also shows that rows do not interact).
 """
 
 import itertools
@@ -14,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stts_jax.model.adapter import window_patch_ids
+from stts_jax.geometry import window_patch_ids
 from stts_jax.model.pruning import (FrameLayout, key_bias, pair_with_previous, protected_frames, prune_count,
                                     rescale_scores, select_windows, temporal_loss)
 
 FLOOR = math.exp(-2)
 ATOL = 1e-5
 LOSS_RTOL = 1e-4
+B = 2  # batch rows per library call, each with its own random inputs
 
-# Batches of several videos of different lengths, some with images mixed in (flat frame order).
+# Rows of several videos of different lengths, some with images mixed in (a row's frame order).
 LAYOUTS = [
     (("video", 4),),
     (("video", 3), ("video", 5)),
@@ -58,7 +63,7 @@ def ref_windows(grid, pool):
 
 
 def ref_groups(groups):
-    """Yields (kind, first flat frame, number of frames) per group."""
+    """Yields (kind, first frame of the row, number of frames) per group."""
     start = 0
     for kind, n in groups:
         yield kind, start, n
@@ -202,6 +207,11 @@ def random_scores(rng, F, W, ties=False):
     return s.astype(np.float32)
 
 
+def batch_scores(rng, F, W, ties=False):
+    """float32 scores [B, F, W]: `random_scores` drawn independently for every row."""
+    return np.stack([random_scores(rng, F, W, ties) for _ in range(B)])
+
+
 def cases(*lists):
     return list(itertools.product(*lists))
 
@@ -281,16 +291,16 @@ def test_prune_count_rejects_bad_ratio(ratio):
 def test_select_exact_counts(groups, W, ratio, pff, ties):
     rng = np.random.default_rng(17)
     layout = make_layout(groups)
-    scores = random_scores(rng, layout.num_frames, W, ties)
+    scores = batch_scores(rng, layout.num_frames, W, ties)
     keep = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=ratio, prune_from_frame=pff))
     assert keep.shape == scores.shape and keep.dtype == np.bool_
-    for kind, start, T in ref_groups(groups):
-        block = keep[start:start + T]
+    for b, (kind, start, T) in itertools.product(range(B), ref_groups(groups)):
+        block = keep[b, start:start + T]
         if kind == "image":
             assert block.all()
             continue
         K = ref_prune_count(T, W, ratio, pff)
-        assert int(block.sum()) == W * T - K, (kind, start, T, K)
+        assert int(block.sum()) == W * T - K, (b, kind, start, T, K)
         assert block[0].all(), "first frame must keep all windows"
         assert block[:ref_protected(T, pff)].all(), "protected frames must keep all windows"
 
@@ -308,33 +318,39 @@ def test_select_matches_reference(groups, ratio, pff):
     variants = [(9, False), (9, True)] + ([(4, True)] if pff == 0 else [])  # W=4: a second window count
     for seed, (W, ties) in enumerate(variants):
         rng = np.random.default_rng(1000 * seed + F)
-        scores = random_scores(rng, F, W, ties)
+        scores = batch_scores(rng, F, W, ties)
         got = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=ratio, prune_from_frame=pff))
-        want = ref_select(scores, groups, ratio, pff)
-        np.testing.assert_array_equal(got, want, err_msg=f"W={W} ties={ties}\nscores=\n{scores}")
+        assert got.shape == (B, F, W)
+        for b in range(B):
+            want = ref_select(scores[b], groups, ratio, pff)
+            np.testing.assert_array_equal(got[b], want, err_msg=f"row {b} W={W} ties={ties}\nscores=\n{scores[b]}")
 
 
 def test_select_ties_all_equal():
-    # every score equal: drop order is purely flat index order inside the video (frame-major, window-minor)
+    # every score equal (row 0): drop order is purely flat index order inside the video (frame-major,
+    # window-minor); row 1 holds random scores and must not disturb row 0
     groups = (("video", 2), ("video", 4))
     layout = make_layout(groups)
-    scores = np.full((6, 9), 0.5, np.float32)
+    scores = np.stack([np.full((6, 9), 0.5, np.float32), random_scores(np.random.default_rng(0), 6, 9)])
     got = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=0.5, prune_from_frame=0))
-    want = ref_select(scores, groups, 0.5, 0)
-    np.testing.assert_array_equal(got, want)
+    for b in range(B):
+        np.testing.assert_array_equal(got[b], ref_select(scores[b], groups, 0.5, 0), err_msg=f"row {b}")
     # video 2 (T=4): K = floor(9*0.5*4) = 18 -> frames 1 and 2 dropped entirely, frame 3 intact
-    assert not got[3].any() and not got[4].any() and got[5].all() and got[2].all()
+    row = got[0]
+    assert not row[3].any() and not row[4].any() and row[5].all() and row[2].all()
 
 
 def test_select_ignores_low_scores_on_protected_frames():
     groups = (("video", 4),)
     layout = make_layout(groups)
-    scores = np.full((4, 9), 0.9, np.float32)
-    scores[0] = scores[1] = 0.01  # the lowest scores sit on frames 0 and 1
+    scores = np.full((B, 4, 9), 0.9, np.float32)
+    scores[0, 0] = scores[0, 1] = 0.01  # row 0: the lowest scores sit on frames 0 and 1
+    scores[1, 0] = scores[1, 2] = 0.01  # row 1: on frames 0 and 2
     for pff in (0, 1, 2):
         got = np.asarray(select_windows(jnp.asarray(scores), layout, ratio=0.5, prune_from_frame=pff))
-        np.testing.assert_array_equal(got, ref_select(scores, groups, 0.5, pff))
-        assert got[:max(1, pff)].all()
+        for b in range(B):
+            np.testing.assert_array_equal(got[b], ref_select(scores[b], groups, 0.5, pff), err_msg=f"row {b}")
+            assert got[b, :max(1, pff)].all()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,18 +367,19 @@ def test_rescale_and_key_bias_match_reference(groups, ratio, pff, gp, scope, tie
     layout = make_layout(groups)
     W = math.ceil(grid / pool) ** 2
     rng = np.random.default_rng(len(RESCALE_CASES) + grid + 7 * layout.num_frames)
-    scores = random_scores(rng, layout.num_frames, W, ties)
+    scores = batch_scores(rng, layout.num_frames, W, ties)
     got = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=grid, pool=pool, ratio=ratio,
                                     prune_from_frame=pff, scope=scope))
-    want = ref_rescale(scores, groups, grid, pool, ratio, pff, scope)
-    assert got.shape == (layout.num_frames, grid * grid)
-    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    assert got.shape == (B, layout.num_frames, grid * grid)
     bias = np.asarray(key_bias(jnp.asarray(got)))
-    np.testing.assert_allclose(bias, np.log(want), rtol=0, atol=ATOL / FLOOR)
-    assert (bias <= 0).all()
-    # exactly 0 where s~ = 1 by rule (protected frames, images, K = 0 videos)
-    np.testing.assert_array_equal(bias[want == 1.0], 0.0)
-    np.testing.assert_array_equal(got[want == 1.0], 1.0)
+    for b in range(B):
+        want = ref_rescale(scores[b], groups, grid, pool, ratio, pff, scope)
+        np.testing.assert_allclose(got[b], want, rtol=0, atol=ATOL, err_msg=f"row {b}")
+        np.testing.assert_allclose(bias[b], np.log(want), rtol=0, atol=ATOL / FLOOR, err_msg=f"row {b}")
+        assert (bias[b] <= 0).all()
+        # exactly 0 where s~ = 1 by rule (protected frames, images, K = 0 videos)
+        np.testing.assert_array_equal(bias[b][want == 1.0], 0.0)
+        np.testing.assert_array_equal(got[b][want == 1.0], 1.0)
 
 
 @pytest.mark.parametrize("gp", GRIDS + [(27, 3), (5, 2)])
@@ -373,32 +390,35 @@ def test_rescale_floor_and_unit_rules(gp, scope):
     groups = (("video", 3), ("image", 1), ("video", 1), ("video", 4))
     layout = make_layout(groups)
     rng = np.random.default_rng(grid * 10 + pool)
-    scores = random_scores(rng, layout.num_frames, W)
-    scores[8] = 0.4  # a constant prunable frame maps to the floor everywhere
-    s = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=grid, pool=pool, ratio=0.5,
-                                  prune_from_frame=0, scope=scope))
-    np.testing.assert_allclose(s, ref_rescale(scores, groups, grid, pool, 0.5, 0, scope), rtol=0, atol=ATOL)
-    bias = np.asarray(key_bias(jnp.asarray(s)))
-    unit = [0, 3, 4, 5]  # first frames of videos, the image, the 1-frame video (K = 0)
-    np.testing.assert_array_equal(bias[unit], 0.0)
-    assert (bias <= 0).all()
-    np.testing.assert_allclose(s[8], FLOOR, rtol=0, atol=1e-6)
-    for f in (1, 2, 6, 7):  # prunable, non-constant frames
-        if scope == "frame":
-            assert abs(s[f].min() - FLOOR) < 1e-6, (f, s[f].min())
-            assert s[f].max() <= 1.0 and s[f].max() > 1 - 1e-4
-        else:
-            rows = s[f].reshape(grid, grid)
-            assert np.all(np.abs(rows.min(axis=1) - FLOOR) < 1e-6)
+    scores = batch_scores(rng, layout.num_frames, W)
+    scores[:, 8] = 0.4  # a constant prunable frame maps to the floor everywhere
+    s_rows = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=grid, pool=pool, ratio=0.5,
+                                       prune_from_frame=0, scope=scope))
+    bias_rows = np.asarray(key_bias(jnp.asarray(s_rows)))
+    for b in range(B):
+        s, bias = s_rows[b], bias_rows[b]
+        np.testing.assert_allclose(s, ref_rescale(scores[b], groups, grid, pool, 0.5, 0, scope), rtol=0, atol=ATOL)
+        unit = [0, 3, 4, 5]  # first frames of videos, the image, the 1-frame video (K = 0)
+        np.testing.assert_array_equal(bias[unit], 0.0)
+        assert (bias <= 0).all()
+        np.testing.assert_allclose(s[8], FLOOR, rtol=0, atol=1e-6)
+        for f in (1, 2, 6, 7):  # prunable, non-constant frames
+            if scope == "frame":
+                assert abs(s[f].min() - FLOOR) < 1e-6, (b, f, s[f].min())
+                assert s[f].max() <= 1.0 and s[f].max() > 1 - 1e-4
+            else:
+                rows = s[f].reshape(grid, grid)
+                assert np.all(np.abs(rows.min(axis=1) - FLOOR) < 1e-6)
 
 
 def test_rescale_custom_floor_and_ratio_zero():
     groups = (("video", 3), ("video", 2))
     layout = make_layout(groups)
     rng = np.random.default_rng(5)
-    scores = random_scores(rng, 5, 9)
+    scores = batch_scores(rng, 5, 9)
     s = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=9, pool=3, ratio=0.5, floor=0.25))
-    np.testing.assert_allclose(s, ref_rescale(scores, groups, 9, 3, 0.5, 0, "frame", floor=0.25), atol=ATOL)
+    for b in range(B):
+        np.testing.assert_allclose(s[b], ref_rescale(scores[b], groups, 9, 3, 0.5, 0, "frame", floor=0.25), atol=ATOL)
     s0 = np.asarray(rescale_scores(jnp.asarray(scores), layout, grid=9, pool=3, ratio=0.0))
     np.testing.assert_array_equal(s0, 1.0)  # ratio 0 is exactly the unpruned model
     np.testing.assert_array_equal(np.asarray(key_bias(jnp.asarray(s0))), 0.0)
@@ -413,19 +433,22 @@ def test_rescale_custom_floor_and_ratio_zero():
 def test_pair_with_previous_matches_reference(groups, pairing):
     layout = make_layout(groups)
     rng = np.random.default_rng(layout.num_frames)
-    z = rng.normal(size=(layout.num_frames, 9, 5)).astype(np.float32)
+    z = rng.normal(size=(B, layout.num_frames, 9, 5)).astype(np.float32)
     got = np.asarray(pair_with_previous(jnp.asarray(z), layout, pairing=pairing))
-    assert got.shape == (layout.num_frames, 9, 10)
-    np.testing.assert_array_equal(got, ref_pair(z, groups, pairing).astype(np.float32))
+    assert got.shape == (B, layout.num_frames, 9, 10)
+    for b in range(B):  # the first frame of a row never pairs with the previous row's last frame
+        np.testing.assert_array_equal(got[b], ref_pair(z[b], groups, pairing).astype(np.float32), err_msg=f"row {b}")
 
 
 def test_pair_with_previous_default_is_per_video():
     groups = (("video", 2), ("video", 3))
     layout = make_layout(groups)
-    z = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3) + 1
+    z = np.arange(B * 5 * 2 * 3, dtype=np.float32).reshape(B, 5, 2, 3) + 1
     got = np.asarray(pair_with_previous(jnp.asarray(z), layout))
-    np.testing.assert_array_equal(got, ref_pair(z, groups, "per-video"))
-    assert (got[2, :, :3] == 0).all()  # first frame of the second video is paired with zeros
+    for b in range(B):
+        np.testing.assert_array_equal(got[b], ref_pair(z[b], groups, "per-video"))
+        assert (got[b, 2, :, :3] == 0).all()  # first frame of the second video is paired with zeros
+        assert (got[b, 0, :, :3] == 0).all()  # and the row's first frame too
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,25 +460,41 @@ LOSS_CASES = [(g, pairing, r, p, GRIDS[i % 3])
                                                               [(0.0, 0), (0.3, 0), (0.5, 2), (0.8, 2)]))]
 
 
+def check_loss_rows(scores, hidden, layout, want_rows, **kw):
+    """Asserts temporal_loss on scores [B, F, W] / hidden [B, F, N, D] against the per-row reference losses:
+    the batch gives their mean (every row has the same pairs), each row run alone gives its own, and with
+    frame_mask emptying row 1 the batch gives row 0's. Returns the batch loss."""
+    s, h = jnp.asarray(scores), jnp.asarray(hidden)
+    got = float(temporal_loss(s, h, layout, **kw))
+    alone = [float(temporal_loss(s[b:b + 1], h[b:b + 1], layout, **kw)) for b in range(B)]
+    mask = np.ones(scores.shape[:2], np.int32)
+    mask[1] = 0
+    row0 = float(temporal_loss(s, h, layout, frame_mask=jnp.asarray(mask), **kw))
+    if all(w == 0.0 for w in want_rows):
+        assert got == 0.0 and alone == [0.0] * B and row0 == 0.0
+        return got
+    np.testing.assert_allclose(got, np.mean(want_rows), rtol=LOSS_RTOL, atol=0)
+    np.testing.assert_allclose(alone, want_rows, rtol=LOSS_RTOL, atol=0)
+    np.testing.assert_allclose(row0, want_rows[0], rtol=LOSS_RTOL, atol=0)
+    return got
+
+
 @pytest.mark.parametrize("groups,pairing,ratio,pff,gp", LOSS_CASES)
 def test_temporal_loss_matches_reference(groups, pairing, ratio, pff, gp):
     grid, pool = gp
     layout = make_layout(groups)
     F, W, D = layout.num_frames, math.ceil(grid / pool) ** 2, 4
     rng = np.random.default_rng(31 * F + grid)
-    scores = random_scores(rng, F, W)
-    hidden = rng.normal(size=(F, grid * grid, D)).astype(np.float32)
+    scores = batch_scores(rng, F, W)
+    hidden = rng.normal(size=(B, F, grid * grid, D)).astype(np.float32)
     # correlate neighbouring frames a little so cosines are spread out, and zero one whole window (norm clamp)
-    hidden[1:] = (0.7 * hidden[:-1] + 0.3 * hidden[1:]).astype(np.float32)
-    ids = ref_windows(grid, pool)[4]
-    hidden[-1, ids[ids >= 0]] = 0.0
-    got = float(temporal_loss(jnp.asarray(scores), jnp.asarray(hidden), layout, grid=grid, pool=pool,
-                              ratio=ratio, prune_from_frame=pff, pairing=pairing))
-    want = ref_temporal_loss(scores, hidden, groups, grid, pool, ratio, pff, pairing)
-    if want == 0.0:
-        assert got == 0.0
-    else:
-        np.testing.assert_allclose(got, want, rtol=LOSS_RTOL, atol=0)
+    hidden[:, 1:] = (0.7 * hidden[:, :-1] + 0.3 * hidden[:, 1:]).astype(np.float32)
+    for b, window in enumerate((4, 2)):  # a different window per row
+        ids = ref_windows(grid, pool)[window]
+        hidden[b, -1, ids[ids >= 0]] = 0.0
+    want = [ref_temporal_loss(scores[b], hidden[b], groups, grid, pool, ratio, pff, pairing) for b in range(B)]
+    check_loss_rows(scores, hidden, layout, want, grid=grid, pool=pool, ratio=ratio, prune_from_frame=pff,
+                    pairing=pairing)
 
 
 def test_temporal_loss_padding_slots_count_as_zeros():
@@ -465,14 +504,16 @@ def test_temporal_loss_padding_slots_count_as_zeros():
     layout = make_layout(groups)
     rng = np.random.default_rng(3)
     h0 = rng.normal(size=(1, 49, 3)).astype(np.float32)
-    hidden = np.concatenate([h0, h0, -h0])  # frame 2 = -frame 1 -> c = -1 -> target 2
-    scores = random_scores(rng, 3, 9)
-    got = float(temporal_loss(jnp.asarray(scores), jnp.asarray(hidden), layout, grid=7, pool=3, ratio=0.5))
-    s = scores.astype(np.float64)
-    want = (np.sum(s[1] ** 2) + np.sum((s[2] - 2.0) ** 2)) / 18
-    np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
-    np.testing.assert_allclose(got, ref_temporal_loss(scores, hidden, groups, 7, 3, 0.5, 0, "per-video"),
-                               rtol=LOSS_RTOL)
+    hidden = np.stack([np.concatenate([h0, h0, -h0]),  # row 0: frame 2 = -frame 1 -> c = -1 -> target 2
+                       rng.normal(size=(3, 49, 3)).astype(np.float32)])  # row 1: anything
+    scores = batch_scores(rng, 3, 9)
+    s = scores[0].astype(np.float64)
+    by_hand = (np.sum(s[1] ** 2) + np.sum((s[2] - 2.0) ** 2)) / 18
+    want = [ref_temporal_loss(scores[b], hidden[b], groups, 7, 3, 0.5, 0, "per-video") for b in range(B)]
+    np.testing.assert_allclose(want[0], by_hand, rtol=1e-12)
+    check_loss_rows(scores, hidden, layout, want, grid=7, pool=3, ratio=0.5)
+    row0 = float(temporal_loss(jnp.asarray(scores[:1]), jnp.asarray(hidden[:1]), layout, grid=7, pool=3, ratio=0.5))
+    np.testing.assert_allclose(row0, by_hand, rtol=LOSS_RTOL)
 
 
 @pytest.mark.parametrize("groups,ratio", [((("video", 1), ("image", 1), ("video", 1)), 0.5),
@@ -483,11 +524,12 @@ def test_temporal_loss_no_pairs_is_zero(groups, ratio, pairing):
     layout = make_layout(groups)
     F = layout.num_frames
     rng = np.random.default_rng(F)
-    scores = random_scores(rng, F, 9)
-    hidden = rng.normal(size=(F, 81, 2)).astype(np.float32)
+    scores = batch_scores(rng, F, 9)
+    hidden = rng.normal(size=(B, F, 81, 2)).astype(np.float32)
     got = temporal_loss(jnp.asarray(scores), jnp.asarray(hidden), layout, grid=9, pool=3, ratio=ratio,
                         pairing=pairing)
-    assert ref_temporal_loss(scores, hidden, groups, 9, 3, ratio, 0, pairing) == 0.0
+    for b in range(B):
+        assert ref_temporal_loss(scores[b], hidden[b], groups, 9, 3, ratio, 0, pairing) == 0.0
     assert float(got) == 0.0 and np.isfinite(float(got))
 
 
@@ -495,8 +537,8 @@ def _grad_setup():
     groups = (("video", 3), ("image", 1), ("video", 4))
     layout = make_layout(groups)
     rng = np.random.default_rng(11)
-    scores = random_scores(rng, 8, 9)
-    hidden = rng.normal(size=(8, 64, 3)).astype(np.float32)
+    scores = batch_scores(rng, 8, 9)
+    hidden = rng.normal(size=(B, 8, 64, 3)).astype(np.float32)
     return groups, layout, scores, hidden
 
 
@@ -510,19 +552,24 @@ def test_temporal_loss_gradients(pairing):
 
     s, h = jnp.asarray(scores), jnp.asarray(hidden)
     v_stop, v_pass = float(loss(s, h, "stop")), float(loss(s, h, "pass"))
-    want, resid, n = ref_temporal_loss(scores, hidden, groups, 8, 3, 0.5, 0, pairing, return_parts=True)
+    parts = [ref_temporal_loss(scores[b], hidden[b], groups, 8, 3, 0.5, 0, pairing, return_parts=True)
+             for b in range(B)]
+    n = sum(part[2] for part in parts)  # the batch loss is the mean over every row's (pair, window) terms
+    want = sum(part[0] * part[2] for part in parts) / n
     np.testing.assert_allclose([v_stop, v_pass], [want, want], rtol=LOSS_RTOL)  # target_grad: value unchanged
 
     gh_stop = np.asarray(jax.grad(loss, argnums=1)(s, h, "stop"))
     gh_pass = np.asarray(jax.grad(loss, argnums=1)(s, h, "pass"))
     assert np.all(gh_stop == 0.0), "target_grad='stop' must pass no gradient to hidden"
-    assert np.abs(gh_pass).max() > 1e-4, "target_grad='pass' must pass gradient to hidden"
+    for b in range(B):
+        assert np.abs(gh_pass[b]).max() > 1e-4, f"target_grad='pass' must pass gradient to hidden (row {b})"
     assert np.all(np.isfinite(gh_pass))
 
-    # d/ds[f, w] = 2 * (s - (1 - c)) / n on paired frames, 0 elsewhere; identical for both target_grad modes
+    # d/ds[b, f, w] = 2 * (s - (1 - c)) / n on paired frames, 0 elsewhere; identical for both target_grad modes
     want_gs = np.zeros_like(scores, dtype=np.float64)
-    for (f, w), r in resid.items():
-        want_gs[f, w] = 2 * r / n
+    for b, (_, resid, _) in enumerate(parts):
+        for (f, w), r in resid.items():
+            want_gs[b, f, w] = 2 * r / n
     for mode in ("stop", "pass"):
         gs = np.asarray(jax.grad(loss, argnums=0)(s, h, mode))
         np.testing.assert_allclose(gs, want_gs, rtol=1e-4, atol=1e-6)

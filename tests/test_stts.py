@@ -1,4 +1,5 @@
-"""STTS in the model: counts, masked execution, LLM token layout, gradients, compilation, sharding."""
+"""STTS in the model: counts, masked execution, LLM token layout, gradients, compilation, sharding, and the
+batch-major contract: rows are independent, empty slots anywhere, a corrupt row stays in its row."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stts_helpers import stts_batch, stts_tiny_config, video_ids
-from stts_jax.config import ConfigError, tiny_model_config, tokens_per_frame, validate_model_config
+from stts_helpers import slots_batch, stts_batch, stts_tiny_config, take_rows, video_ids
+from stts_jax.config import ConfigError, tiny_model_config, validate_model_config
 from stts_jax.model import pruning
 from stts_jax.model.vlm import Molmo2VLM, check_batch, make_forward, total_loss
 from stts_jax.train import sharding
@@ -38,24 +39,37 @@ def test_ratio_zero_is_the_core_model_exactly(method):
     assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
+def vision_tokens(model, batch, layout, rng=None):
+    """Returns model.vision_tokens on a host batch: (tokens [B, T, H], valid [B, T], aux)."""
+    return model.vision_tokens(jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["frame_mask"]).astype(bool),
+                               layout, rng)
+
+
 def test_counts_first_frame_and_images():
     cfg = stts_tiny_config(prune_ratio=0.5)
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(1))
-    batch, _ = stts_batch(cfg, [4, 3])
-    layout = pruning.FrameLayout.videos(4, 3)
-    tokens, aux = model.encode_video(jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["pooling_idx"]), layout)
+    batch, layout = stts_batch(cfg, [4, 3])  # row 0: the 4-frame video in slot 0; row 1: the 3-frame one in slot 1
+    assert layout == pruning.FrameLayout.videos(4, 3)
+    tokens, valid, aux = vision_tokens(model, batch, layout)
     keep = np.asarray(aux["keep"])
     k4, k3 = pruning.prune_count(4, W, 0.5), pruning.prune_count(3, W, 0.5)
     assert (k4, k3) == (18, 13)
-    assert keep[:4].sum() == W * 4 - k4 and keep[4:].sum() == W * 3 - k3
-    assert keep[0].all() and keep[4].all()
-    assert tokens.shape == (W * 7 - k4 - k3, cfg.llm.hidden_size)
-    # an image between the videos keeps everything
+    assert keep.shape == (2, 7, W)
+    for b in range(2):  # every slot selects its static count, empty or not
+        assert keep[b, :4].sum() == W * 4 - k4 and keep[b, 4:].sum() == W * 3 - k3
+        assert keep[b, 0].all() and keep[b, 4].all()
+    assert tokens.shape == (2, W * 7 - k4 - k3, cfg.llm.hidden_size)
+    assert np.asarray(valid).sum(1).tolist() == [W * 4 - k4, W * 3 - k3]  # only the real video's tokens
+    # an image between the videos keeps everything (rows with every slot real, different per row)
+    full = batch["pixel_values"].sum(0)  # [7, N, P]: both videos in one row
+    rows = dict(pixel_values=np.stack([full, full[::-1]]), frame_mask=np.ones((2, 7), np.int32))
     layout = pruning.FrameLayout((("video", 3), ("image", 1), ("video", 3)))
-    _, aux = model.encode_video(jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["pooling_idx"]), layout)
+    _, valid, aux = vision_tokens(model, rows, layout)
     keep = np.asarray(aux["keep"])
-    assert keep[3].all() and keep[0].all() and keep[4].all()
-    assert keep[:3].sum() == keep[4:].sum() == W * 3 - k3
+    for b in range(2):
+        assert keep[b, 3].all() and keep[b, 0].all() and keep[b, 4].all()
+        assert keep[b, :3].sum() == keep[b, 4:].sum() == W * 3 - k3
+    assert np.asarray(valid).sum(1).tolist() == [W * 7 - 2 * k3] * 2
 
 
 def test_masked_blocks_equal_per_frame_attention_over_kept_tokens():
@@ -63,32 +77,35 @@ def test_masked_blocks_equal_per_frame_attention_over_kept_tokens():
     cfg = stts_tiny_config(prune_ratio=0.5)
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(2))
     batch, layout = stts_batch(cfg, [4, 3], seed=2)
-    pix = jnp.asarray(batch["pixel_values"])
-    _, aux = model.encode_video(pix, jnp.asarray(batch["pooling_idx"]), layout)
-    keep_patch = np.asarray(pruning.windows_to_patches(aux["keep"], 9, 3))
+    _, _, aux = vision_tokens(model, batch, layout)
+    b, f = batch["pixel_values"].shape[:2]
+    pix = jnp.asarray(batch["pixel_values"]).reshape(b * f, 81, -1)  # every frame slot of every row
+    keep_patch = np.asarray(pruning.windows_to_patches(aux["keep"], 9, 3)).reshape(b * f, 81)
     # reference: rerun blocks 0..1 (no pruning yet) with the same bias, then block 2 per frame on kept tokens only
     st = cfg.stts
     with jax.default_matmul_precision("highest"):
         x = model.vit.embed(pix)
         x = model.vit.blocks[0](x)
         bias = pruning.key_bias(pruning.rescale_scores(aux["scores"], layout, grid=9, pool=3, ratio=st.prune_ratio))
+        bias = bias.reshape(b * f, 81)
         x = model.vit.blocks[1](x, key_bias=bias)
         layer2_ref = []
-        for f in range(x.shape[0]):
-            kept = np.nonzero(keep_patch[f])[0]
-            layer2_ref.append(np.asarray(model.vit.blocks[2](x[f:f + 1, kept]))[0])
+        for i in range(x.shape[0]):
+            kept = np.nonzero(keep_patch[i])[0]
+            layer2_ref.append(np.asarray(model.vit.blocks[2](x[i:i + 1, kept]))[0])
         # the model's own layer-2 states at kept positions, read back through the adapter input
-        hidden = []
         y = model.vit.embed(pix)
         y = model.vit.blocks[0](y)
         y = model.vit.blocks[1](y, key_bias=bias)
         y = model.vit.blocks[2](y, mask=jnp.asarray(keep_patch)[:, None, :])
-    for f in range(x.shape[0]):
-        kept = np.nonzero(keep_patch[f])[0]
-        np.testing.assert_allclose(np.asarray(y)[f, kept], layer2_ref[f], atol=1e-5, rtol=0)
+    for i in range(x.shape[0]):
+        kept = np.nonzero(keep_patch[i])[0]
+        np.testing.assert_allclose(np.asarray(y)[i, kept], layer2_ref[i], atol=1e-5, rtol=0)
 
 
 def test_relayout_regroups_placeholders_per_frame():
+    """Per row, the k-th end marker closes the row's k-th real frame: empty slots (anywhere, with any count)
+    are skipped, and a row never reads another row's counts."""
     cfg = stts_tiny_config(prune_ratio=0.5)
     t = cfg.tokens
     rng = np.random.default_rng(3)
@@ -102,10 +119,18 @@ def test_relayout_regroups_placeholders_per_frame():
     length = max(len(r) for r in rows)
     pad = lambda r: r + [0] * (length - len(r))
     ids = np.array([pad(r) for r in rows], np.int32)
-    want_rows = [pad(r) for r in want_rows]
-    got = pruning.relayout_vision_tokens(jnp.asarray(ids), jnp.asarray(sum(real_counts, [])),
-                                         placeholder_id=t.image_patch_id, end_marker_ids=(t.frame_end_id, t.image_end_id))
-    np.testing.assert_array_equal(np.asarray(got), np.array(want_rows, np.int32))
+    want_rows = np.array([pad(r) for r in want_rows], np.int32)
+    # layout videos(4, 3): row 0 fills slot 0 (frames 0..3), row 1 slot 1 (frames 4..6); empty slots hold junk
+    keep_counts = np.array([real_counts[0] + [9, 7, 3], [2, 9, 9, 1] + real_counts[1]], np.int32)
+    frame_mask = np.array([[1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1]], np.int32)
+    got = pruning.relayout_vision_tokens(jnp.asarray(ids), jnp.asarray(keep_counts), placeholder_id=t.image_patch_id,
+                                         end_marker_ids=(t.frame_end_id, t.image_end_id),
+                                         frame_mask=jnp.asarray(frame_mask))
+    np.testing.assert_array_equal(np.asarray(got), want_rows)
+    alone = pruning.relayout_vision_tokens(jnp.asarray(ids[1:]), jnp.asarray(keep_counts[1:]),
+                                           placeholder_id=t.image_patch_id, end_marker_ids=(t.frame_end_id,),
+                                           frame_mask=jnp.asarray(frame_mask[1:]))
+    np.testing.assert_array_equal(np.asarray(alone), want_rows[1:])
 
 
 def test_llm_sequence_holds_kept_tokens_in_their_frames():
@@ -113,18 +138,19 @@ def test_llm_sequence_holds_kept_tokens_in_their_frames():
     cfg = stts_tiny_config(prune_ratio=0.5)
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(4))
     batch, layout = stts_batch(cfg, [4, 3], seed=4)
-    _, aux = model.encode_video(jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["pooling_idx"]), layout)
-    counts = np.asarray(aux["keep"]).sum(-1)
+    _, _, aux = vision_tokens(model, batch, layout)
+    counts = np.asarray(aux["keep"]).sum(-1)  # [B, F]
     ids = np.asarray(pruning.relayout_vision_tokens(jnp.asarray(batch["input_ids"]), jnp.asarray(counts),
                                                     placeholder_id=cfg.tokens.image_patch_id,
-                                                    end_marker_ids=(cfg.tokens.frame_end_id,)))
-    blocks = []
-    for row in ids:
+                                                    end_marker_ids=(cfg.tokens.frame_end_id,),
+                                                    frame_mask=jnp.asarray(batch["frame_mask"])))
+    for row, row_counts, real in zip(ids, counts, batch["frame_mask"].astype(bool)):
         starts = np.nonzero(row == cfg.tokens.frame_start_id)[0]
         ends = np.nonzero(row == cfg.tokens.frame_end_id)[0]
-        blocks += [e - s - 1 for s, e in zip(starts, ends)]
-        assert (row[np.concatenate([np.arange(s + 1, e) for s, e in zip(starts, ends)])] == cfg.tokens.image_patch_id).all()
-    assert blocks == counts.tolist()
+        blocks = [e - s - 1 for s, e in zip(starts, ends)]
+        inside = np.concatenate([np.arange(s + 1, e) for s, e in zip(starts, ends)])
+        assert (row[inside] == cfg.tokens.image_patch_id).all()
+        assert blocks == row_counts[real].tolist()
 
 
 def loss_and_grad_fn(model, layout):
@@ -197,7 +223,8 @@ def test_train_step_compiles_once_and_shards():
 
     outs = []
     for seed in range(3):
-        batch, _ = stts_batch(cfg, [4, 4, 4, 4], seed=seed)
+        batch, batch_layout = stts_batch(cfg, [4, 4, 4, 4], seed=seed)  # 4 rows, row i fills slot i
+        assert batch_layout == layout
         outs.append(grad_step(state, as_jnp(batch)))
     assert grad_step._cache_size() == 1
     single_metrics, single_grads = outs[-1]
@@ -207,10 +234,8 @@ def test_train_step_compiles_once_and_shards():
         with jax.set_mesh(mesh):
             sharding.shard_model(model, mesh)
             _, sharded_state = nnx.split(model)
-            placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v)))
-                      for k, v in batch.items() if k not in ("pooling_idx", "pixel_values")}
-            placed["pixel_values"] = jax.device_put(batch["pixel_values"], sharding.batch_sharding(mesh, 3))
-            placed["pooling_idx"] = jax.device_put(batch["pooling_idx"], sharding.replicated(mesh))
+            placed = sharding.to_global(batch, mesh)
+            assert placed["pixel_values"].sharding.spec[0] == ("data", "fsdp")
             metrics, grads = grad_step(sharded_state, placed)
     for key in ("loss", "lm_loss", "temporal_loss"):
         np.testing.assert_allclose(float(metrics[key]), float(single_metrics[key]), rtol=1e-5)
@@ -244,9 +269,23 @@ def test_bad_stts_knobs_are_refused(field, value):
 
 def test_check_batch_wants_exact_placeholders():
     cfg = stts_tiny_config(prune_ratio=0.5)
-    batch, layout = stts_batch(cfg, [4, 3], counts=[[9, 9, 9, 9], [9, 9, 9]])
-    with pytest.raises(ValueError, match="keeps 32 vision tokens"):
+    batch, layout = stts_batch(cfg, [4, 3], counts=[[9, 9, 9, 9], [9, 9, 9]])  # unpruned placeholder counts
+    with pytest.raises(ValueError, match=r"row 0 holds 36 image-patch placeholders but its real frames give 18 "
+                                         r".*rows with a mismatch: \[0, 1\]"):
         check_batch(batch, cfg, layout)
+    good = pruning.placeholder_counts(4, W, 0.5)
+    batch, layout = stts_batch(cfg, [4, 3], counts=[good, [9, 9, 9]])  # only row 1 is wrong
+    with pytest.raises(ValueError, match=r"row 1 holds 27 image-patch placeholders but its real frames give 14 "
+                                         r".*rows with a mismatch: \[1\]$"):
+        check_batch(batch, cfg, layout)
+    batch, layout = stts_batch(cfg, [4, 3])
+    check_batch(batch, cfg, layout)
+    half = dict(batch, frame_mask=batch["frame_mask"].copy())
+    half["frame_mask"][1, 6] = 0  # STTS needs whole videos: slot 1 of row 1 is partly empty
+    with pytest.raises(ValueError, match=r"rows \[1\]: video slot at frames 4..6 is partly empty"):
+        check_batch(half, cfg, layout)
+    with pytest.raises(ValueError, match="layout describes 5 frame slots"):
+        check_batch(batch, cfg, pruning.FrameLayout.videos(3, 2))
 
 
 def test_random_method_needs_rng_and_prunes_counts():
@@ -256,8 +295,9 @@ def test_random_method_needs_rng_and_prunes_counts():
     with pytest.raises(ValueError, match="rng"):
         model(as_jnp(batch), layout)
     _, aux = model.forward(as_jnp(batch), layout, jax.random.key(1))
-    keep = np.asarray(aux["keep"])
-    assert keep[:4].sum() == W * 4 - pruning.prune_count(4, W, 0.8) and keep[0].all()
+    keep = np.asarray(aux["keep"])  # [B, F, W]
+    assert keep[0, :4].sum() == W * 4 - pruning.prune_count(4, W, 0.8) and keep[0, 0].all()
+    assert keep[1, 4:].sum() == W * 3 - pruning.prune_count(3, W, 0.8) and keep[1, 4].all()
     assert model.scorer is None and float(aux["temporal_loss"]) == 0.0
 
 
@@ -271,3 +311,119 @@ def test_remat_gives_the_same_gradients():
         grads.append(loss_and_grad_fn(model, layout)(nnx.state(model), as_jnp(batch))[1])
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- batch rows are independent
+
+ROW_METHODS = [("none", "masked"), ("scorer", "masked"), ("scorer", "packed")]
+ROW_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def forward_fn(model, layout):
+    """Returns jitted (batch, rng) -> (logits [B, L, V], aux) of `model` (numpy out)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fn(state, batch, rng):
+        return nnx.merge(graphdef, state).forward(batch, layout, rng)
+
+    def run(batch, rng=None):
+        logits, aux = fn(state, as_jnp(batch), jax.random.key(0) if rng is None else rng)
+        return np.asarray(logits), jax.tree.map(np.asarray, aux)
+
+    return run
+
+
+def mixed_rows(cfg, seed=12):
+    """Returns (batch, layout): 4 rows in layout videos(3, 2) filling slots {0, 1}, {1}, {0}, {0, 1}."""
+    return slots_batch(cfg, [3, 2], [[0, 1], [1], [0], [0, 1]], seed=seed)
+
+
+@pytest.mark.parametrize("method,execution", ROW_METHODS)
+def test_rows_are_independent(method, execution):
+    """Permuting the rows permutes the logits (and the kept windows); a row run alone (B=1) gives its logits
+    in the batch. Rows mix slot patterns, so the packed plan and the placeholder counts differ per row."""
+    cfg = stts_tiny_config(method=method, execution=execution)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(12))
+    batch, layout = mixed_rows(cfg)
+    check_batch(batch, cfg, layout)
+    run = forward_fn(model, layout)
+    valid = batch["segment_ids"] > 0
+    perm = [2, 0, 3, 1]
+    with jax.default_matmul_precision("highest"):
+        logits, aux = run(batch)
+        permuted, aux_p = run(take_rows(batch, perm))
+        alone = [run(take_rows(batch, [r]))[0][0] for r in range(len(valid))]
+    for i, r in enumerate(perm):
+        np.testing.assert_allclose(permuted[i][valid[r]], logits[r][valid[r]], err_msg=f"row {r}", **ROW_TOL)
+        np.testing.assert_allclose(alone[r][valid[r]], logits[r][valid[r]], err_msg=f"row {r} alone", **ROW_TOL)
+    if method != "none":
+        np.testing.assert_array_equal(aux_p["keep"], aux["keep"][perm])
+    assert np.abs(logits[valid]).max() > 0.1  # the comparison is not between zeros
+
+
+def test_random_rows_keep_their_counts_under_permutation():
+    """method random, same rng: which windows a row keeps depends on its place in the batch, how many of its
+    real frames' windows it keeps does not (W*T - K per real video)."""
+    cfg = stts_tiny_config(method="random", prune_ratio=0.5)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(13))
+    batch, layout = mixed_rows(cfg)
+    run = forward_fn(model, layout)
+    perm = [2, 0, 3, 1]
+    rng = jax.random.key(5)
+    real = batch["frame_mask"].astype(bool)[..., None]
+
+    def counts(b, rows):
+        return (run(take_rows(b, rows), rng)[1]["keep"] & real[rows]).sum((1, 2))
+
+    k3, k2 = pruning.prune_count(3, W, 0.5), pruning.prune_count(2, W, 0.5)
+    want = np.array([W * 5 - k3 - k2, W * 2 - k2, W * 3 - k3, W * 5 - k3 - k2])
+    np.testing.assert_array_equal(counts(batch, [0, 1, 2, 3]), want)
+    np.testing.assert_array_equal(counts(batch, perm), want[perm])
+    np.testing.assert_array_equal(counts(batch, [1]), want[[1]])
+
+
+@pytest.mark.parametrize("method,execution", ROW_METHODS)
+def test_empty_slot_before_the_video_changes_nothing(method, execution):
+    """A row whose video sits in slot 1 (slot 0 empty) gives the logits (and, with STTS, the kept windows and
+    the temporal loss) of the same example in a one-slot layout."""
+    cfg = stts_tiny_config(method=method, execution=execution)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(14))
+    late, layout = slots_batch(cfg, [2, 3], [[1], [0, 1]], seed=14)  # row 0: slot 0 empty, the video in slot 1
+    late = take_rows(late, [0])
+    check_batch(late, cfg, layout)
+    alone = dict(late, pixel_values=late["pixel_values"][:, 2:], frame_mask=late["frame_mask"][:, 2:])
+    single = pruning.FrameLayout.videos(3)
+    check_batch(alone, cfg, single)
+    valid = late["segment_ids"] > 0
+    with jax.default_matmul_precision("highest"):
+        got, aux = forward_fn(model, layout)(late)
+        want, aux_1 = forward_fn(model, single)(alone)
+    np.testing.assert_allclose(got[valid], want[valid], **ROW_TOL)
+    if method != "none":
+        np.testing.assert_array_equal(aux["keep"][:, 2:], aux_1["keep"])
+        np.testing.assert_allclose(aux["temporal_loss"], aux_1["temporal_loss"], rtol=1e-5)
+        assert float(aux_1["temporal_loss"]) > 0
+
+
+@pytest.mark.parametrize("method,execution", ROW_METHODS)
+def test_corrupt_row_is_refused_and_stays_in_its_row(method, execution):
+    """One extra placeholder early in row 1: check_batch names row 1 (only); run anyway, rows 0 and 2 give
+    the logits of the clean batch (nothing shifts across rows)."""
+    cfg = stts_tiny_config(method=method, execution=execution)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(15))
+    batch, layout = stts_batch(cfg, [3, 2, 3], seed=15)
+    check_batch(batch, cfg, layout)
+    bad = dict(batch, input_ids=batch["input_ids"].copy())
+    assert bad["input_ids"][1, 1] < 100  # a timestamp token before the first frame
+    bad["input_ids"][1, 1] = cfg.tokens.image_patch_id
+    with pytest.raises(ValueError, match=r"^row 1 holds .*rows with a mismatch: \[1\]$"):
+        check_batch(bad, cfg, layout)
+    run = forward_fn(model, layout)
+    valid = batch["segment_ids"] > 0
+    with jax.default_matmul_precision("highest"):
+        clean, _ = run(batch)
+        dirty, _ = run(bad)
+    for r in (0, 2):
+        np.testing.assert_allclose(dirty[r][valid[r]], clean[r][valid[r]], err_msg=f"row {r}", **ROW_TOL)
+    assert np.abs(dirty[1][valid[1]] - clean[1][valid[1]]).max() > 1e-3  # the corruption does act on row 1

@@ -115,3 +115,29 @@ def test_fsdp_fill_mesh_and_optimizer_state_sharded_like_params():
           if "'layers'][0]['gate']['kernel']" in jax.tree_util.keystr(path).replace(".", "")]
     assert len(mu) >= 2 and all(m.sharding.is_equivalent_to(kernel.sharding, m.ndim) for m in mu)
     assert not kernel.sharding.is_fully_replicated
+
+
+def test_sharded_init_is_born_sharded_and_equals_the_eager_init():
+    """One jitted init creates every parameter in its rules-table sharding, with the eager init's values (up to
+    float rounding: XLA fuses the jitted truncated-normal differently)."""
+    from flax import nnx
+
+    from stts_jax.model.vlm import Molmo2VLM
+    from stts_jax.train import sharding as sh
+
+    cfg = tiny_cfg()
+    mesh = sh.make_mesh(data=2, fsdp=4, tensor=1)
+    make = lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(3))  # noqa: E731
+    born = nnx.state(sh.init_sharded(make, mesh))
+    eager = nnx.state(make())
+    want = sh.state_shardings(eager, mesh)
+    flat_born, flat_eager, flat_want = (dict(nnx.to_flat_state(t)) for t in (born, eager, want))
+    assert flat_born.keys() == flat_eager.keys()
+    sharded = 0
+    for path, var in flat_born.items():
+        value = var.get_value()
+        np.testing.assert_allclose(np.asarray(value), np.asarray(flat_eager[path].get_value()), rtol=1e-6, atol=1e-8,
+                                   err_msg=str(path))
+        assert value.sharding.is_equivalent_to(flat_want[path].get_value(), value.ndim), path
+        sharded += not value.sharding.is_fully_replicated
+    assert sharded > 10  # not vacuous: most weights are split over fsdp

@@ -1,7 +1,8 @@
 """Record -> training example: decode + sample + preprocess the video, lay out and tokenise the prompt.
 
 This is the per-example work the Grain pipeline runs in its worker processes, so it imports neither jax nor
-the model: everything static (placeholder counts per frame, sizes) is computed by the caller.
+the model: everything static (placeholder counts per frame from
+`stts_jax.geometry.placeholders_per_frame`, sizes) is computed by the caller.
 """
 
 from __future__ import annotations

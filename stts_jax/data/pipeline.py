@@ -1,4 +1,4 @@
-"""Grain input pipeline: `video_qa` ArrayRecord shards -> packed, static-shape model batches -> global jax.Arrays.
+"""Grain input pipeline: `video_qa` ArrayRecord shards -> packed, static-shape, batch-major host batches.
 
   source (tfds ArrayRecord)  -> this host's slice -> shuffle(seed), reshuffled every epoch -> repeat
   -> decode + sample + resize + tokenise (`ExampleBuilder`; in `num_workers` processes via mp_prefetch)
@@ -7,25 +7,26 @@
   -> grain.experimental.FirstFitPackIterDataset: rows of seq_len tokens AND at most videos_per_row * T frames
   -> batch `rows` rows -> host batch (below) -> thread prefetch
 
-Host batch (numpy, static shapes; R = rows per host, V = videos_per_row, T = num_frames, W windows per frame):
+Host batch (numpy, static shapes, batch-major: every array but `num_videos` has the R rows first; R = rows per
+host, V = videos_per_row, T = num_frames, F = V*T frame slots per row):
 
   input_ids, targets, loss_mask, segment_ids, positions  [R, L] int32  (segment ids 1-based per row, 0 = pad;
                                                           positions restart at 0 per example)
-  pixel_values  [R*V*T, N, P*P*3] float32  the real videos' frames in row-major order of the videos in the
-                                           sequence, then all-zero dummy videos up to R*V videos
-  pooling_idx   [R*V*T*W, pool*pool] int32 every window of every frame (video_pooling_indices)
-  num_videos    []   int32  real videos in the batch (for metrics; the rest are dummies)
+  pixel_values  [R, F, N, P*P*3] float32  each row's frames in its own row: the packed videos' frames in
+                                          sequence order, normalised, then zeros in the empty slots
+  frame_mask    [R, F] int32   1 = a real frame, 0 = an empty slot (whole videos: T slots at a time)
+  num_videos    []   int32  real videos in the batch (for metrics)
   row_videos    [R]  int32  real videos per row
   record        [R, V] int64  `index` of each packed example (-1 = empty slot), for tests and debugging
 
+Rows missing from the last partial batch are empty rows (no tokens, frame_mask 0). The model reads one row's
+frame slots with the static `BatchGeometry.layout()` (V video slots of T frames) and derives pooling windows
+from stts_jax.geometry; an empty slot yields no vision tokens and no placeholders, so empty slots and empty
+rows can sit anywhere. Multi-host: every host packs its own slice and passes its rows to
+`stts_jax.train.sharding.to_global`, which concatenates them in process order.
+
 Why Grain's packer: first-fit over several features at once gives the two static caps (tokens and frames per
 row) for free, keeps iterator state checkpointable, and never splits an example.
-
-The dummy videos have no placeholders in the sequence, so their vision features are never spliced (the model
-splices in global row-major order). Multi-host: every host packs its own slice and `make_global_batch`
-concatenates the per-host batches along the batch / frame axes. Each host's dummies sit at the end of *its*
-block of the flat frame list, so the global row-major splice is only correct when no host but the last has
-dummies; see the README's "Data" section.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from stts_jax.config import grid_size, tokens_per_frame
+from stts_jax import geometry as geo
 from stts_jax.data.examples import ExampleBuilder
-from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, normalize_pixels, video_pooling_indices
+from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, normalize_pixels
 from stts_jax.data.video import SAMPLERS
 
 ON_ERROR = ("skip", "fail")
-BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "pooling_idx")
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "frame_mask")
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
@@ -87,7 +88,7 @@ class ExampleTooLongError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class BatchGeometry:
-    """Static shapes of one host's batch and of the global batch."""
+    """Static shapes of one host's batch (rows per host; process_count hosts make the global batch)."""
 
     rows: int  # rows per host
     seq_len: int
@@ -101,31 +102,17 @@ class BatchGeometry:
 
     @property
     def videos_per_batch(self) -> int:
-        """Returns video slots per host batch (real + dummy)."""
+        """Returns video slots per host batch (real + empty)."""
         return self.rows * self.videos_per_row
 
     @property
-    def frames_per_batch(self) -> int:
-        """Returns frames per host batch."""
-        return self.videos_per_batch * self.num_frames
+    def frames_per_row(self) -> int:
+        """Returns F = V*T, the frame slots of one row."""
+        return self.videos_per_row * self.num_frames
 
-    def layout(self, global_batch: bool = True):
-        """Returns the static FrameLayout of the (global) flat frame list: videos of T frames."""
-        from stts_jax.model.pruning import FrameLayout
-
-        videos = self.videos_per_batch * (self.process_count if global_batch else 1)
-        return FrameLayout.videos(*([self.num_frames] * videos))
-
-
-def placeholders_per_frame(model_cfg: ml_collections.ConfigDict, num_frames: int) -> list[int]:
-    """Returns placeholders reserved per frame: W each without pruning, W*T - K in total with STTS."""
-    w = tokens_per_frame(model_cfg)
-    st = model_cfg.stts
-    if st.method == "none" or st.prune_ratio == 0:
-        return [w] * num_frames
-    from stts_jax.model.pruning import placeholder_counts
-
-    return placeholder_counts(num_frames, w, st.prune_ratio, st.prune_from_frame)
+    def layout(self) -> geo.FrameLayout:
+        """Returns the static FrameLayout of ONE row's frame slots: videos_per_row video slots of T frames."""
+        return geo.FrameLayout.video_slots(self.videos_per_row, self.num_frames)
 
 
 # -------------------------------------------------------------------------------------- bad examples
@@ -207,8 +194,6 @@ class HostBatch:
 
     def __init__(self, geometry: BatchGeometry):
         self.g = geometry
-        frames = geometry.frames_per_batch
-        self.pooling_idx = video_pooling_indices(frames, geometry.grid, geometry.pool).astype(np.int32)
 
     def __call__(self, packed: dict) -> dict:
         g = self.g
@@ -226,15 +211,14 @@ class HostBatch:
             targets=pad_rows(packed["targets"]).astype(np.int32),
             loss_mask=pad_rows(packed["loss_mask"]).astype(np.int32),
         )
-        frame_segments = pad_rows(packed["frames_segment_ids"]).reshape(-1)  # [R * V * T]
-        frames = packed["frames"].reshape(-1, *packed["frames"].shape[2:])  # [rows * V * T, N, P*P*3]
-        real = np.flatnonzero(frame_segments[: frames.shape[0]] > 0)  # row-major, in sequence order
-        pixel_values = np.zeros((g.frames_per_batch, *frames.shape[1:]), np.float32)
-        pixel_values[: len(real)] = normalize_pixels(frames[real])
+        frame_mask = pad_rows(packed["frames_segment_ids"] > 0)  # [R, F]: each row's videos first, in sequence order
+        frames = pad_rows(packed["frames"])  # [R, F, N, P*P*3] uint8, empty slots unspecified
+        pixel_values = np.zeros(frames.shape, np.float32)
+        pixel_values[frame_mask] = normalize_pixels(frames[frame_mask])
         record = pad_rows(np.where(packed["record_segment_ids"] > 0, packed["record"], -1), fill=-1)
-        out.update(pixel_values=pixel_values, pooling_idx=self.pooling_idx,
-                   num_videos=np.int32(len(real) // g.num_frames), row_videos=(record >= 0).sum(1).astype(np.int32),
-                   record=record.astype(np.int64))
+        out.update(pixel_values=pixel_values, frame_mask=frame_mask.astype(np.int32),
+                   num_videos=np.int32(frame_mask.sum() // g.num_frames),
+                   row_videos=(record >= 0).sum(1).astype(np.int32), record=record.astype(np.int64))
         return out
 
 
@@ -270,8 +254,8 @@ class Pipeline:
         return iter(self.dataset)
 
     @property
-    def layout(self):
-        """Returns the static FrameLayout of the global batch (for the model / STTS)."""
+    def layout(self) -> geo.FrameLayout:
+        """Returns the static FrameLayout of one row's frame slots (for the model / STTS)."""
         return self.geometry.layout()
 
 
@@ -293,8 +277,8 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
         raise ValueError(f"data config field `rows`: {cfg.rows} rows cannot be split over {process_count} hosts")
     geometry = BatchGeometry(
         rows=cfg.rows // process_count, seq_len=cfg.seq_len, videos_per_row=cfg.videos_per_row,
-        num_frames=cfg.num_frames, grid=grid_size(model_cfg), pool=model_cfg.adapter.pool_size,
-        windows_per_frame=tokens_per_frame(model_cfg), patch_dim=model_cfg.vit.patch_size ** 2 * 3,
+        num_frames=cfg.num_frames, grid=geo.grid_size(model_cfg), pool=model_cfg.adapter.pool_size,
+        windows_per_frame=geo.tokens_per_frame(model_cfg), patch_dim=geo.patch_dim(model_cfg),
         process_count=process_count)
     from stts_jax.data.tokenizer import load_tokenizer
 
@@ -302,7 +286,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
     encoder.check_model_tokens(model_cfg.tokens)
     builder = ExampleBuilder(
         cfg.tokenizer, image_size=model_cfg.vit.image_size, patch_size=model_cfg.vit.patch_size,
-        num_frames=cfg.num_frames, placeholders_per_frame=placeholders_per_frame(model_cfg, cfg.num_frames),
+        num_frames=cfg.num_frames, placeholders_per_frame=geo.placeholders_per_frame(model_cfg, cfg.num_frames),
         max_fps=cfg.max_fps, sampler=cfg.sampler, decode_threads=cfg.decode_threads)
 
     if source is None:
@@ -336,7 +320,8 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
     return Pipeline(ds, geometry, report)
 
 
-TRAIN_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "num_videos")
+TRAIN_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "frame_mask",
+              "num_videos")
 
 
 def _train_keys(batch: dict) -> dict:
@@ -375,35 +360,3 @@ def make_train_iterator(cfg: ml_collections.ConfigDict):
     p.dataset = p.dataset.map(_train_keys)
     return iter(p)
 
-
-# ---------------------------------------------------------------------------------------- global arrays
-
-def make_global_batch(batch: dict, mesh, geometry: BatchGeometry) -> dict:
-    """Returns the model keys of a host batch as global jax.Arrays on `mesh` (batch / frame axes over data, fsdp).
-
-    Each host passes its own batch; the global arrays concatenate them in process order. The leading axis is
-    sharded over ('data', 'fsdp') when the mesh divides it (required with several hosts), else replicated.
-    `pooling_idx` is rebuilt for the global frame list and replicated.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    out = {}
-    for key in BATCH_KEYS:
-        if key == "pooling_idx":
-            continue
-        local = np.asarray(batch[key])
-        global_shape = (local.shape[0] * geometry.process_count, *local.shape[1:])
-        if global_shape[0] % shards == 0:
-            spec = P(("data", "fsdp"), *([None] * (local.ndim - 1)))
-        elif geometry.process_count == 1:
-            spec = P()
-        else:
-            raise ValueError(f"batch[{key!r}] has {global_shape[0]} rows/frames globally, not divisible by the "
-                             f"{shards} data*fsdp shards; multi-host batches must divide evenly")
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
-    frames = geometry.frames_per_batch * geometry.process_count
-    pooling = video_pooling_indices(frames, geometry.grid, geometry.pool).astype(np.int32)
-    out["pooling_idx"] = jax.make_array_from_process_local_data(NamedSharding(mesh, P()), pooling, pooling.shape)
-    return out

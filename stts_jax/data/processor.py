@@ -1,4 +1,4 @@
-"""Molmo2 preprocessing of frames (resize, normalise, patchify, pooling windows) and the video prompt layout.
+"""Molmo2 preprocessing of frames (resize, normalise, patchify) and the video prompt layout.
 
 Pixels: each frame is resized straight to S x S (bilinear, half-pixel centres, no antialias), rounded and
 clamped to uint8, then normalised to (x - 127.5) / 127.5 in float32 (transformers fuses 1/255 and mean =
@@ -14,7 +14,7 @@ Prompt (what `Molmo2Processor` + the Molmo2 chat template produce for one video 
   <bos> VIDEO <|im_start|>user\\n QUESTION <|im_end|>\\n<|im_start|>assistant\\n  ANSWER <eos>
   VIDEO = for frame i: ("" if i == 0 else " ") + f"{t_i:.1f} " + <frame_start> + <im_patch> x k_i + <frame_end>
 with bos = eos = "<|im_end|>" in the Qwen3-based Molmo2 tokenizer. Without pruning k_i = W (81); with STTS each
-video reserves W*T - K placeholders in total, spread by `stts_jax.model.pruning.placeholder_counts`.
+video reserves W*T - K placeholders in total, spread by `stts_jax.geometry.placeholders_per_frame`.
 Multiple-choice questions are rendered by `format_question` (options as "A. ...", one per line, then an
 instruction to answer with the letter) and answered with the letter.
 """
@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from stts_jax.config import tokens_per_frame
+from stts_jax.geometry import tokens_per_frame
 
 F32, F64 = np.float32, np.float64
 _MIDPOINT_MASK = np.int64((1 << 29) - 1)  # float64 mantissa bits below float32 precision
@@ -171,26 +171,6 @@ def patchify(frames: np.ndarray, patch: int) -> np.ndarray:
 def preprocess_frames(frames: np.ndarray, size: int, patch: int) -> np.ndarray:
     """Returns uint8 patches [T, (size/patch)^2, patch*patch*3] of frames resized as Molmo2 does."""
     return patchify_uint8(resize_frames(frames, size), patch)
-
-
-def window_patch_ids(grid: int, pool: int) -> np.ndarray:
-    """Returns [W, pool*pool] patch ids of one frame's pooling windows (-1 = padding slot; Molmo2's layout).
-
-    The grid is padded with -1 to a multiple of `pool` (floor(pad/2) before, the rest after), cut into
-    pool x pool windows row-major, row-major inside each window.
-    """
-    ids = np.arange(grid * grid, dtype=np.int64).reshape(grid, grid)
-    pad = (-grid) % pool
-    ids = np.pad(ids, ((pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)), constant_values=-1)
-    side = ids.shape[0] // pool
-    return ids.reshape(side, pool, side, pool).transpose(0, 2, 1, 3).reshape(side * side, pool * pool)
-
-
-def video_pooling_indices(num_frames: int, grid: int, pool: int, offset: int = 0) -> np.ndarray:
-    """Returns int64 [num_frames * W, pool*pool] flat indices into the patch list (+ offset patches), -1 = pad."""
-    per_frame = window_patch_ids(grid, pool)
-    offsets = (offset + np.arange(num_frames, dtype=np.int64) * grid * grid)[:, None, None]
-    return np.where(per_frame[None] >= 0, per_frame[None] + offsets, -1).reshape(-1, pool * pool)
 
 
 # ------------------------------------------------------------------------------------------------- text

@@ -304,7 +304,7 @@ def window_redundancy(pixels: np.ndarray, grid: int, pool: int, threshold: float
     vector is its pool x pool patches concatenated (padding slots zero); "unchanged" = cosine similarity with
     the same window of the previous frame > threshold.
     """
-    from stts_jax.data.processor import window_patch_ids
+    from stts_jax.geometry import window_patch_ids
 
     ids = window_patch_ids(grid, pool)  # [W, pool*pool]
     x = np.asarray(pixels, np.float64)

@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stts_jax.config import (MOLMO2_TOKENS, ConfigError, model_config, stts_config, tokens_per_frame,
-                             validate_model_config)
+from stts_jax.config import MOLMO2_TOKENS, ConfigError, model_config, stts_config, validate_model_config
+from stts_jax.geometry import tokens_per_frame
 from stts_jax.interop import hf_import
 
 STTS_CONFIG_FILE = "stts_config.json"

@@ -107,8 +107,19 @@ def saved_train_config(path: str, step: int | None = None) -> dict:
         return json.load(f)
 
 
-def load_train_checkpoint(path: str, step: int | None = None):
-    """Returns (model, step) holding the parameters of a trainer checkpoint (latest step unless given)."""
+def _param_shardings(abstract_params, mesh):
+    """Returns the NamedShardings of parameters on `mesh` (the trainer's rules), or one device without a mesh."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, abstract_params)
+    from stts_jax.train import sharding
+
+    return sharding.state_shardings(abstract_params, mesh)
+
+
+def load_train_checkpoint(path: str, step: int | None = None, mesh=None):
+    """Returns (model, step) holding the parameters of a trainer checkpoint (latest step unless given),
+    restored straight into their shardings on `mesh` (else onto one device)."""
     import orbax.checkpoint as ocp
 
     from stts_jax.model.vlm import Molmo2VLM
@@ -121,8 +132,8 @@ def load_train_checkpoint(path: str, step: int | None = None):
     abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     item = {"params": abstract_params}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+    restore_args = {"params": jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
+                                           _param_shardings(abstract_params, mesh))}
     with ocp.PyTreeCheckpointer() as checkpointer:
         try:
             out = checkpointer.restore(os.path.join(os.path.abspath(step_dir), STATE_DIR),
@@ -138,8 +149,9 @@ def is_params_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, STATE_DIR)) and os.path.exists(os.path.join(path, CONFIG_FILE))
 
 
-def load_model(path: str, cfg: ml_collections.ConfigDict | None = None):
-    """Returns the Molmo2VLM stored at `path` (config from the checkpoint unless given)."""
+def load_model(path: str, cfg: ml_collections.ConfigDict | None = None, mesh=None):
+    """Returns the Molmo2VLM stored at `path` (config from the checkpoint unless given), restored straight into
+    its parameter shardings on `mesh` when one is given."""
     from stts_jax.model.vlm import Molmo2VLM
 
     cfg = load_model_config(path) if cfg is None else cfg
@@ -147,6 +159,10 @@ def load_model(path: str, cfg: ml_collections.ConfigDict | None = None):
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ParamsCheckpointError("the model holds non-parameter state, which a params checkpoint does not store")
+    if mesh is not None:
+        shardings = _param_shardings(abstract_params, mesh)
+        abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       abstract_params, shardings)
     params = load_params(os.path.join(path, STATE_DIR), abstract_params)
     return nnx.merge(graphdef, params, rest)
 
@@ -160,16 +176,25 @@ def is_train_workdir(path: str) -> bool:
         return False
 
 
-def transplant(model, cfg: ml_collections.ConfigDict, *, seed: int = 0, fresh: tuple[str, ...] = ()):
+def transplant(model, cfg: ml_collections.ConfigDict, *, seed: int = 0, fresh: tuple[str, ...] = (), mesh=None):
     """Returns (a model of config `cfg` holding `model`'s weights, the paths initialised fresh).
 
     Every parameter of the new model is taken from `model` by path and must have the same shape; parameters
     `model` lacks are initialised from `seed` if their top-level module is in `fresh` (e.g. ("scorer",) to
     start STTS from an unpruned model), else ParamsCheckpointError names them. Weights are shared, not copied.
+    With a mesh, fresh parameters are initialised sharded (one jitted init).
     """
     from stts_jax.model.vlm import Molmo2VLM
 
-    target = Molmo2VLM(cfg, rngs=nnx.Rngs(seed)) if fresh else nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
+    make = lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    if not fresh:
+        target = nnx.eval_shape(make)
+    elif mesh is not None:
+        from stts_jax.train import sharding
+
+        target = sharding.init_sharded(make, mesh)
+    else:
+        target = make()
     graphdef, state = nnx.split(target)
     source = dict(nnx.to_flat_state(nnx.state(model)))
     flat, new = [], []

@@ -23,59 +23,20 @@ from __future__ import annotations
 import json
 import math
 import os
-from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+# host-side counts come from stts_jax.geometry, the one home of these numbers (numpy only: no JAX import)
+from stts_jax.geometry import patch_window_index, placeholder_counts, protected_frames, prune_count, window_patch_ids
+
 STTS_CONFIG_FILE = "stts_config.json"
 STTS_SCORER_FILE = "stts_scorer.safetensors"
 VISION_LAYOUT_TOKENS = ("image_patch_id", "image_col_id", "image_start_id", "low_res_image_start_id",
                         "frame_start_id", "image_end_id", "frame_end_id", "image_low_id")
 
-
-# ------------------------------------------------------------------------------- counts (host, numpy)
-
-def window_patch_ids(grid: int, pool: int) -> np.ndarray:
-    """Returns [W, pool*pool] patch ids of one frame's pooling windows (-1 = padding slot), Molmo2's layout."""
-    ids = np.arange(grid * grid, dtype=np.int64).reshape(grid, grid)
-    pad = (-grid) % pool
-    ids = np.pad(ids, ((pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)), constant_values=-1)
-    side = ids.shape[0] // pool
-    return ids.reshape(side, pool, side, pool).transpose(0, 2, 1, 3).reshape(side * side, pool * pool)
-
-
-def patch_window_index(grid: int, pool: int) -> np.ndarray:
-    """Returns [grid*grid]: the window each patch belongs to."""
-    ids = window_patch_ids(grid, pool)
-    index = np.zeros(grid * grid, np.int64)
-    for window, row in enumerate(ids):
-        index[row[row >= 0]] = window
-    return index
-
-
-def protected_frames(num_frames: int, prune_from_frame: int) -> int:
-    """Returns how many leading frames of a video are never pruned."""
-    return min(num_frames, max(1, prune_from_frame))
-
-
-def prune_count(num_frames: int, windows_per_frame: int, ratio: float, prune_from_frame: int = 0) -> int:
-    """Returns K = floor(W * ratio * (T - prune_from_frame)) exactly, capped so protected frames stay whole."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1), got {ratio}")
-    k = max(0, math.floor(Fraction(windows_per_frame) * Fraction(str(ratio)) * (num_frames - prune_from_frame)))
-    return min(k, windows_per_frame * (num_frames - protected_frames(num_frames, prune_from_frame)))
-
-
-def placeholder_counts(num_frames: int, windows_per_frame: int, ratio: float, prune_from_frame: int = 0) -> list[int]:
-    """Returns placeholders per frame summing to W*T - K (protected frames whole, the rest even)."""
-    k = prune_count(num_frames, windows_per_frame, ratio, prune_from_frame)
-    prot = protected_frames(num_frames, prune_from_frame)
-    rest = num_frames - prot
-    share, extra = divmod(windows_per_frame * rest - k, rest) if rest else (0, 0)
-    return [windows_per_frame] * prot + [share + (1 if i < extra else 0) for i in range(rest)]
 
 
 # ------------------------------------------------------------------------------------------ scorer

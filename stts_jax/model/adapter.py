@@ -5,34 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from stts_jax.model.layers import DTYPES, Dense
 from stts_jax.model.vit import MultiHeadAttention
-
-
-def window_patch_ids(grid: int, pool: int) -> np.ndarray:
-    """Returns [W, pool*pool] patch ids of one frame's pooling windows (-1 = padding slot).
-
-    The grid of patch ids is padded with -1 up to a multiple of `pool` (floor(pad/2) rows/cols before,
-    the rest after), cut into pool x pool windows row-major, row-major inside each window (Molmo2's layout).
-    """
-    ids = np.arange(grid * grid, dtype=np.int64).reshape(grid, grid)
-    pad = (-grid) % pool
-    before, after = pad // 2, pad - pad // 2
-    ids = np.pad(ids, ((before, after), (before, after)), constant_values=-1)
-    side = ids.shape[0] // pool
-    windows = ids.reshape(side, pool, side, pool).transpose(0, 2, 1, 3)
-    return windows.reshape(side * side, pool * pool)
-
-
-def video_pooling_indices(num_frames: int, grid: int, pool: int) -> np.ndarray:
-    """Returns [num_frames * W, pool*pool] flat indices into the [num_frames * grid*grid] patch list."""
-    per_frame = window_patch_ids(grid, pool)
-    offsets = (np.arange(num_frames, dtype=np.int64) * grid * grid)[:, None, None]
-    flat = np.where(per_frame[None] >= 0, per_frame[None] + offsets, -1)
-    return flat.reshape(-1, pool * pool)
 
 
 class Adapter(nnx.Module):
@@ -51,14 +27,19 @@ class Adapter(nnx.Module):
         self.down = Dense(ad.mlp_dim, text_dim, names=("mlp", "embed"), **kw)
 
     def __call__(self, features: jax.Array, pooling_idx: jax.Array) -> jax.Array:
-        """Returns pooled LLM tokens [P, text_dim].
+        """Returns pooled LLM tokens [B, T, text_dim].
 
-        features [F*N, C]: concatenated ViT layers of every patch; pooling_idx [P, S]: flat patch indices
-        of each window, -1 = padding slot (excluded from the mean and masked as a key).
+        features [B, F*N, C]: concatenated ViT layers of every patch of each row; pooling_idx [B, T, S] (or
+        [T, S], the same for every row): indices into the row's F*N patches of each window, -1 = padding slot
+        (excluded from the mean and masked as a key). Pooling stays inside each row.
         """
-        valid = pooling_idx >= 0  # [P, S]
-        window = features[jnp.maximum(pooling_idx, 0)] * valid[..., None].astype(features.dtype)  # [P, S, C]
-        count = jnp.maximum(valid.sum(-1, keepdims=True), 1).astype(features.dtype)  # [P, 1]
-        query = window.sum(-2, keepdims=True) / count[..., None]  # [P, 1, C]
-        pooled = self.pooling(query, window, mask=valid[:, None, :])[:, 0]  # [P, vit_dim]
-        return self.down(jax.nn.silu(self.gate(pooled)) * self.up(pooled))
+        b, t, s = features.shape[0], *pooling_idx.shape[-2:]
+        pooling_idx = jnp.broadcast_to(pooling_idx, (b, t, s))
+        valid = pooling_idx >= 0  # [B, T, S]
+        window = jax.vmap(lambda f, i: f[i])(features, jnp.maximum(pooling_idx, 0))  # [B, T, S, C]
+        window = (window * valid[..., None].astype(features.dtype)).reshape(b * t, s, -1)
+        valid = valid.reshape(b * t, s)
+        count = jnp.maximum(valid.sum(-1, keepdims=True), 1).astype(features.dtype)  # [B*T, 1]
+        query = window.sum(-2, keepdims=True) / count[..., None]  # [B*T, 1, C]
+        pooled = self.pooling(query, window, mask=valid[:, None, :])[:, 0]  # [B*T, vit_dim]
+        return self.down(jax.nn.silu(self.gate(pooled)) * self.up(pooled)).reshape(b, t, -1)

@@ -1,17 +1,20 @@
 """Generation with a static-shape KV cache: one jitted prefill, one jitted decode step reused for every token.
 
-  prefill  (ViT -> STTS -> adapter -> LLM over the prompt [B, L]) writes the prompt's keys/values into cache
-           slots 0..L-1 of a cache of S = L + max_new_tokens slots and samples the first new token
+  prefill  (ViT -> STTS -> adapter -> LLM over the prompt [B, L] and each row's frames) writes the prompt's
+           keys/values into cache slots 0..L-1 of a cache of S = L + max_new_tokens slots and samples the
+           first new token
   step     embeds one token per row, writes it at slot L + t, attends over all S slots through a key mask
            (prompt padding and not-yet-written slots masked), samples the next token
 
-Everything that decides a shape is static (B, L, S, the frame layout), so `step` compiles once per (B, S);
-the slot index, positions, temperature, top-p and stop ids are traced values. Prompts of different lengths
-share one [B, L] batch with padding on either side (segment id 0): each row's RoPE positions continue from
-its own last prompt position, as transformers' `generate` derives them from the attention mask. Decode steps
-use no block mask (a new token is text and attends to every earlier valid slot), also as transformers does.
-With STTS the prompt holds W*T - K placeholders per video, so the prefill and every cache slot of the pruned
-vision prefix are smaller.
+Prompts are batch-major (the model's contract, stts_jax.model.vlm): one example per row, its frames in the
+row's slots (pixel_values [B, F, N, P*P*3], optional frame_mask [B, F] for empty slots), laid out by one
+static row `FrameLayout` (STTS needs it). Everything that decides a shape is static (B, L, S, F, the row
+layout), so `step` compiles once per (B, S); the slot index, positions, temperature, top-p and stop ids are
+traced values. Prompts of different lengths share one [B, L] batch with padding on either side (segment id
+0): each row's RoPE positions continue from its own last prompt position, as transformers' `generate` derives
+them from the attention mask. Decode steps use no block mask (a new token is text and attends to every earlier
+valid slot), also as transformers does. With STTS the prompt holds W*T - K placeholders per video, so the
+prefill and every cache slot of the pruned vision prefix are smaller.
 
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature restricted to the smallest set of
 tokens whose probability reaches top_p (nucleus), sampled with `jax.random.categorical`. A row that emits a
@@ -31,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stts_jax.model.pruning import FrameLayout
+from stts_jax.geometry import FrameLayout
 
 MAX_STOP_TOKENS = 8  # stop ids are passed as a fixed-size array (-1 = unused) so they never recompile the step
+PROMPT_KEYS = ("input_ids", "segment_ids", "positions", "pixel_values", "frame_mask")  # frame_mask optional
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, side: str = "left",
@@ -90,11 +94,12 @@ class GenerateOutput:
     cache_bytes: int
     prefill_seconds: float
     decode_seconds: float
-    keep: np.ndarray | None = None  # [F, W] kept windows (STTS)
+    keep: np.ndarray | None = None  # [B, F, W] kept windows of each row's frame slots (STTS)
 
 
 class Generator:
-    """Greedy / top-p generation for one Molmo2VLM and one static FrameLayout (STTS needs it)."""
+    """Greedy / top-p generation for one Molmo2VLM and one static row FrameLayout (the frame slots of every
+    row; STTS needs it, unpruned models may pass None)."""
 
     def __init__(self, model, layout: FrameLayout | None = None, cache_dtype=None):
         self.graphdef, self.state = nnx.split(model)
@@ -133,8 +138,9 @@ class Generator:
     # ----------------------------------------------------------------------------- driver
     def generate(self, batch: dict, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                  stop_tokens: Sequence[int] = (), pad_id: int = 0, rng: jax.Array | None = None) -> GenerateOutput:
-        """Returns up to `max_new_tokens` new tokens per row for a prompt batch (input_ids, segment_ids,
-        positions [B, L], pixel_values, pooling_idx)."""
+        """Returns up to `max_new_tokens` new tokens per row for a batch-major prompt batch: input_ids,
+        segment_ids, positions [B, L] (one example per row, `pad_prompts`), pixel_values [B, F, N, P*P*3] and
+        optional frame_mask [B, F] (other keys are ignored)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(stop_tokens) > MAX_STOP_TOKENS:
@@ -148,7 +154,7 @@ class Generator:
         stop_ids = jnp.asarray(list(stop_tokens) + [-1] * (MAX_STOP_TOKENS - len(stop_tokens)), jnp.int32)
         temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
         pad = jnp.int32(pad_id)
-        batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("targets", "loss_mask")}
+        batch = {k: jnp.asarray(batch[k]) for k in PROMPT_KEYS if k in batch}
         b, length = batch["input_ids"].shape
         cache_length = length + max_new_tokens
         t0 = time.perf_counter()

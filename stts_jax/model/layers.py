@@ -85,23 +85,48 @@ def run_block(block: nnx.Module, remat: bool, *args, **kwargs):
     return jax.checkpoint(lambda st, a, k: nnx.merge(graphdef, st)(*a, **k))(state, args, kwargs)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-                          key_bias: jax.Array | None = None) -> jax.Array:
-    """Returns softmax(q k^T / sqrt(d) + key_bias, masked) v with grouped-query heads.
+QUERY_CHUNK = 1024  # queries attended at once when a sequence is longer (bounds the [H, chunk, Lk] logits)
 
-    q [B, Lq, H, d], k/v [B, Lk, Hkv, d] (H a multiple of Hkv), mask [B, Lq, Lk] bool (True = attend),
-    key_bias [B, Lk] added to the logits of every query and head. A fully masked row gets a uniform
-    average instead of NaN (its output is never read). Output [B, Lq, H, d].
-    """
-    b, lq, h, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, lq, hkv, h // hkv, d)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * (d ** -0.5)
-    logits = logits.astype(jnp.float32)
+
+def _attend(q, k, v, mask, key_bias):
+    """Returns softmax(q k^T + bias, masked) v in the heads-major layout: q [B, Hkv, G, Lq, d] (already scaled),
+    k/v [B, Hkv, Lk, d], mask [B, Lq, Lk] | None, key_bias [B, Lk] | None -> [B, Hkv, G, Lq, d]."""
+    logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32)
     if key_bias is not None:
         logits = logits + key_bias.astype(jnp.float32)[:, None, None, None, :]
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-    return out.reshape(b, lq, h, d)
+    return jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                          key_bias: jax.Array | None = None, query_chunk: int = QUERY_CHUNK) -> jax.Array:
+    """Returns softmax(q k^T / sqrt(d) + key_bias, masked) v with grouped-query heads.
+
+    q [B, Lq, H, d], k/v [B, Lk, Hkv, d] (H a multiple of Hkv), mask [B, Lq, Lk] bool (True = attend),
+    key_bias [B, Lk] added to the logits of every query and head. A fully masked row gets a uniform
+    average instead of NaN (its output is never read). Output [B, Lq, H, d]. Computed heads-major (q scaled
+    first); a sequence longer than `query_chunk` is attended `query_chunk` queries at a time, each chunk
+    rematerialised in the backward pass, so the logits held at once are [B, H, query_chunk, Lk], not
+    [B, H, Lq, Lk] (the 6-11k-token LLM rows of 64-128 frames).
+    """
+    b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, lq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, d]
+    if lq <= query_chunk:
+        out = _attend(q, k, v, mask, key_bias)
+    else:
+        chunks = -(-lq // query_chunk)
+        pad = chunks * query_chunk - lq
+        qc = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
+        qc = qc.reshape(b, hkv, h // hkv, chunks, query_chunk, d).transpose(3, 0, 1, 2, 4, 5)
+        if mask is not None:
+            mc = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, chunks, query_chunk, -1).transpose(1, 0, 2, 3)
+        else:
+            mc = jnp.zeros((chunks,), bool)  # placeholder scanned alongside (unused)
+        attend = jax.checkpoint(lambda qm: _attend(qm[0], k, v, qm[1] if mask is not None else None, key_bias))
+        out = jax.lax.map(attend, (qc, mc))  # [chunks, B, Hkv, G, chunk, d]
+        out = out.transpose(1, 2, 3, 0, 4, 5).reshape(b, hkv, h // hkv, chunks * query_chunk, d)[:, :, :, :lq]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from stts_jax.model.layers import DTYPES, Dense, RMSNorm, dot_product_attention, param, run_block
+from stts_jax.model.partitioning import constrain
 
 
 def rope_inv_freq(llm: ml_collections.ConfigDict, scaled: bool) -> np.ndarray:
@@ -134,11 +135,15 @@ class LanguageModel(nnx.Module):
         """Returns token embeddings [B, L, H] for ids [B, L]."""
         return jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
 
+    def hidden(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """Returns the final-normed hidden states [B, L, H] for input embeddings x [B, L, H] (`lm_head` -> logits)."""
+        for layer in self.layers:
+            x = constrain(run_block(layer, self.remat, x, positions, mask), ("batch", "tokens", "act"))
+        return self.final_norm(x)
+
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """Returns logits [B, L, vocab_size] for input embeddings x [B, L, H]."""
-        for layer in self.layers:
-            x = run_block(layer, self.remat, x, positions, mask)
-        return self.lm_head(self.final_norm(x))
+        return self.lm_head(self.hidden(x, positions, mask))
 
     def init_cache(self, batch_size: int, length: int, dtype=None) -> tuple:
         """Returns an empty KV cache: per layer (k, v), each [batch, length, kv_heads, head_dim] zeros."""

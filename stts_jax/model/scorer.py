@@ -7,12 +7,11 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from stts_jax.model.adapter import window_patch_ids
+from stts_jax.geometry import FrameLayout, grid_size, window_patch_ids
 from stts_jax.model.layers import DTYPES, Dense
-from stts_jax.model.pruning import FrameLayout, pair_with_previous, window_features
+from stts_jax.model.pruning import pair_with_previous, window_features
 from stts_jax.model.vit import MultiHeadAttention
 
 
@@ -32,19 +31,19 @@ class TemporalTokenScorer(nnx.Module):
         self.fc1 = Dense(2 * d, hidden, names=("embed", "mlp"), kernel_init=_fan_in_truncated_normal(2 * d), **kw)
         self.fc2 = Dense(hidden, hidden, names=("mlp", None), kernel_init=_fan_in_truncated_normal(hidden), **kw)
         self.fc3 = Dense(hidden, 1, names=("mlp", None), kernel_init=_fan_in_truncated_normal(hidden), **kw)
-        self.grid = cfg.vit.image_size // cfg.vit.patch_size
+        self.grid = grid_size(cfg)
         self.pool = cfg.adapter.pool_size
 
     def __call__(self, hidden: jax.Array, layout: FrameLayout, pairing: str = "per-video") -> jax.Array:
-        """Returns scores [F, W] for ViT hidden states [F, N, D] after block prune_at."""
-        f = hidden.shape[0]
-        windows = window_features(hidden, self.grid, self.pool)  # [F, W, S, D], zeros in padding slots
+        """Returns scores [B, F, W] for ViT hidden states [B, F, N, D] after block prune_at (rows independent)."""
+        b, f = hidden.shape[:2]
+        windows = window_features(hidden, self.grid, self.pool)  # [B, F, W, S, D], zeros in padding slots
         valid = jnp.asarray(window_patch_ids(self.grid, self.pool) >= 0)  # [W, S]
-        count = valid.sum(-1).astype(windows.dtype)[None, :, None]  # [1, W, 1]
-        query = windows.sum(-2) / count  # [F, W, D]: mean of the valid patches
-        w, s, d = windows.shape[1:]
-        mask = jnp.broadcast_to(valid[None, :, None, :], (f, w, 1, s)).reshape(f * w, 1, s)
-        z = self.pooling(query.reshape(f * w, 1, d), windows.reshape(f * w, s, d), mask=mask).reshape(f, w, d)
-        u = pair_with_previous(z, layout, pairing)  # [F, W, 2D]
+        count = valid.sum(-1).astype(windows.dtype)[:, None]  # [W, 1]
+        query = windows.sum(-2) / count  # [B, F, W, D]: mean of the valid patches
+        w, s, d = windows.shape[2:]
+        mask = jnp.broadcast_to(valid[:, None, :], (b * f, w, 1, s)).reshape(b * f * w, 1, s)
+        z = self.pooling(query.reshape(b * f * w, 1, d), windows.reshape(b * f * w, s, d), mask=mask)
+        u = pair_with_previous(z.reshape(b, f, w, d), layout, pairing)  # [B, F, W, 2D]
         h = jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(u))))
         return jax.nn.sigmoid(self.fc3(h)[..., 0].astype(jnp.float32))

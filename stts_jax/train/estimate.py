@@ -4,7 +4,7 @@ The state is built exactly as the trainer builds it (`trainer.train`), but abstr
 `nnx.eval_shape`, parameter shardings from the one logical-axis rules table (`sharding.state_shardings`),
 the optimizer from `optim.make_optimizer`, the optimizer state's shardings from compiling `optimizer.init`
 on the sharded abstract parameters (what `jax.jit(optimizer.init)(params)` gives the trainer), and the
-batch with the shardings of `trainer.host_batch_to_global`. The train step is `step.make_train_step`,
+batch with the shardings of `sharding.to_global` (rows over data x fsdp). The train step is `step.make_train_step`,
 lowered and compiled for the mesh's devices (simulated CPU devices, or a TPU topology description).
 
 What comes back (`StepEstimate`) is measured, per device: parameter and optimizer bytes from the sharded
@@ -30,14 +30,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from stts_jax.config import grid_size, tokens_per_frame
-from stts_jax.model import pruning
+from stts_jax import geometry
 from stts_jax.model.vlm import Molmo2VLM
 from stts_jax.train import sharding
 from stts_jax.train.optim import make_optimizer
 from stts_jax.train.step import make_train_step, shardings_of
+from stts_jax.train.trainer import frame_layout
 
 TOPOLOGY_DIMS = {"v5p": 3, "v4": 3, "v5e": 2, "v6e": 2}  # 3-D torus or 2-D slices
 
@@ -58,10 +57,8 @@ def topology_name(tpu: str, chips: int) -> str:
 
 def tokens_per_video(cfg: ml_collections.ConfigDict, text_tokens: int) -> int:
     """Returns the LLM tokens of one video example: per frame 2 text + start + placeholders + end, plus text."""
-    st, t, w = cfg.model.stts, cfg.data.num_frames, tokens_per_frame(cfg.model)
-    counts = ([w] * t if st.method == "none"
-              else pruning.placeholder_counts(t, w, st.prune_ratio, st.prune_from_frame))
-    return sum(counts) + 4 * t + text_tokens
+    t = cfg.data.num_frames
+    return geometry.vision_tokens_per_video(cfg.model, t) + 4 * t + text_tokens
 
 
 def scale_batch(cfg: ml_collections.ConfigDict, data_parallel: int, *, global_batch: int, videos_per_device: int,
@@ -110,21 +107,15 @@ def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback:
 
 
 def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict:
-    """Returns the global batch [accum, ...] as sharded ShapeDtypeStructs, as trainer.host_batch_to_global makes it."""
+    """Returns the global batch [accum, rows, ...] as sharded ShapeDtypeStructs, as sharding.to_global makes it."""
     data, accum = cfg.data, cfg.train.grad_accum
-    grid, w = grid_size(cfg.model), tokens_per_frame(cfg.model)
-    frames = data.videos_per_batch * data.num_frames
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    frames = frame_layout(cfg).num_frames  # frame slots per row
     shapes = {k: ((accum, data.rows, data.seq_len), jnp.int32) for k in INT_KEYS}
-    shapes["pixel_values"] = ((accum, frames, grid * grid, cfg.model.vit.patch_size ** 2 * 3), jnp.float32)
-    out = {}
-    for key, (shape, dtype) in shapes.items():
-        spec = [None, ("data", "fsdp") if shape[1] % dp == 0 else None] + [None] * (len(shape) - 2)
-        out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
-    pool = cfg.model.adapter.pool_size
-    out["pooling_idx"] = jax.ShapeDtypeStruct((accum, frames * w, pool * pool), jnp.int32,
-                                              sharding=sharding.replicated(mesh))
-    return out
+    shapes["pixel_values"] = ((accum, data.rows, frames, geometry.patches_per_frame(cfg.model),
+                               geometry.patch_dim(cfg.model)), jnp.float32)
+    shapes["frame_mask"] = ((accum, data.rows, frames), jnp.int32)
+    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape, batch_axis=1))
+            for key, (shape, dtype) in shapes.items()}
 
 
 def per_device_bytes(tree) -> dict[int, int]:
@@ -174,7 +165,7 @@ class StepEstimate:
 def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = True) -> StepEstimate:
     """Returns the StepEstimate of `cfg`'s train step on `mesh` (lowered and compiled, nothing executed)."""
     t0 = time.perf_counter()
-    layout = pruning.FrameLayout.videos(*([cfg.data.num_frames] * cfg.data.videos_per_batch))
+    layout = frame_layout(cfg)
     graphdef, optimizer, state = abstract_train_state(cfg, mesh)
     batch = abstract_batch(cfg, mesh)
     step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed, state_shardings=shardings_of(state))

@@ -6,6 +6,10 @@ whose letter has the largest logit at the first answer position, i.e. the most l
 model (each option is one letter token). Accuracy is reported per question kind and overall, with the
 vision tokens per example the LLM sees, so methods (none / scorer / random) and frame counts (test-time
 scaling: more frames at the same token budget) can be put side by side.
+
+Batches are the input pipeline's batch-major host batches (pixel_values [R, T, N, P], frame_mask [R, T]: one
+video slot per row, `FrameLayout.video_slots(1, T)`), made device arrays by `sharding.to_global` on a mesh
+(one device unless one is given).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from stts_jax.config import tokens_per_frame
-from stts_jax.model import pruning
-from stts_jax.model.pruning import FrameLayout
+from stts_jax import geometry
+from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM
+from stts_jax.train import sharding
 
 METHODS = ("none", "scorer", "random")
+EVAL_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "pixel_values", "frame_mask")  # frame_mask optional
 CSV_FIELDS = ("run", "train_method", "train_ratio", "method", "ratio", "frames", "kind", "correct", "count",
               "accuracy", "vision_tokens", "vision_tokens_unpruned")
 
@@ -83,11 +88,11 @@ def with_stts(model: Molmo2VLM, method: str, ratio: float) -> Molmo2VLM:
 
 
 def vision_tokens_per_example(cfg: ml_collections.ConfigDict, frames: int, method: str, ratio: float) -> int:
-    """Returns the vision tokens one video of `frames` frames puts into the LLM sequence."""
-    w = tokens_per_frame(cfg)
+    """Returns the vision tokens one video of `frames` frames puts into the LLM sequence (W*T, or W*T - K)."""
+    w = geometry.tokens_per_frame(cfg)
     if method == "none" or ratio == 0:
         return w * frames
-    return pruning.kept_tokens(FrameLayout.videos(frames), w, ratio, cfg.stts.prune_from_frame)
+    return w * frames - geometry.prune_count(frames, w, ratio, cfg.stts.prune_from_frame)
 
 
 @functools.lru_cache(maxsize=8)
@@ -107,23 +112,40 @@ def answer_sheet(data_dir: str, split: str) -> dict:
     return sheet
 
 
-def make_answer_logits(model: Molmo2VLM, layout: FrameLayout, seed: int = 0):
-    """Returns jitted (state, batch) -> logits [R, V] at each row's first answer position (loss_mask)."""
+def single_device_mesh():
+    """Returns a (data, fsdp, tensor) = (1, 1, 1) mesh on the first device."""
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def make_answer_logits(model: Molmo2VLM, layout: FrameLayout, seed: int = 0, mesh=None):
+    """Returns (state, fn): fn(state, batch) -> logits [R, V] float32 at each row's first answer position
+    (loss_mask), for a batch of global arrays (`sharding.to_global`). `layout` is the row FrameLayout; with a
+    mesh the forward runs under it (rows over data x fsdp)."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def answer_logits(state, batch):
+    def jitted(state, batch):
         logits, _ = nnx.merge(graphdef, state).forward(batch, layout, jax.random.key(seed))
         first = jnp.argmax(batch["loss_mask"] > 0, axis=1)  # [R]
         return jnp.take_along_axis(logits, first[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+    if mesh is None:
+        return state, jitted
+
+    def answer_logits(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
 
     return state, answer_logits
 
 
 def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", tokenizer: str, method: str,
              ratio: float, frames: int, rows: int = 8, seq_len: int | None = None, max_examples: int = 0,
-             max_fps: float | None = 2.0, seed: int = 0, progress: bool = True, log=print) -> EvalResult:
-    """Returns the multiple-choice accuracy of `model` with STTS (method, ratio) at `frames` frames per video."""
+             max_fps: float | None = 2.0, seed: int = 0, progress: bool = True, log=print, mesh=None) -> EvalResult:
+    """Returns the multiple-choice accuracy of `model` with STTS (method, ratio) at `frames` frames per video.
+
+    `mesh`: where the batches go (`sharding.to_global`, rows over data x fsdp); default one device.
+    """
     from stts_jax.data import pipeline as pipe
     from stts_jax.data.processor import OPTION_LETTERS
     from stts_jax.data.tokenizer import load_tokenizer
@@ -148,13 +170,14 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
                             seq_len=seq_len, rows=rows, videos_per_row=1, shuffle=False, num_epochs=1,
                             packing_bins=rows, max_fps=max_fps)
     p = pipe.make_pipeline(data, cfg, source=source)
-    state, answer_logits = make_answer_logits(eval_model, p.layout, seed)
+    mesh = mesh if mesh is not None else single_device_mesh()
+    state, answer_logits = make_answer_logits(eval_model, p.layout, seed, mesh)  # p.layout: one row's slots
     correct, count = collections.Counter(), collections.Counter()
     predictions = []
     start = last_log = time.perf_counter()
     for batch in p:
-        model_batch = {k: batch[k] for k in pipe.BATCH_KEYS}
-        logits = np.asarray(answer_logits(state, model_batch))
+        model_batch = sharding.to_global({k: batch[k] for k in EVAL_KEYS if k in batch}, mesh)
+        logits = np.asarray(answer_logits(state, model_batch))  # [R, V]
         for r, index in enumerate(batch["record"][:, 0]):
             if index < 0 or len(predictions) >= total:
                 continue

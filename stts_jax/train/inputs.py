@@ -10,22 +10,33 @@ import jax
 import ml_collections
 import numpy as np
 
-from stts_jax.data.pipeline import placeholders_per_frame
+from stts_jax import geometry
 
 KINDS = ("random", "video")
 
 
 def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
-    """Returns this host's share (rows and their videos) of the deterministic random micro-batch `index`.
+    """Returns this host's rows of the deterministic random micro-batch `index` (batch-major).
 
-    The global micro-batch depends only on (seed, index), so any number of hosts sees the same data.
+    Row r holds V = videos_per_batch / rows video slots: input_ids etc. [rows, L], pixel_values [rows, V*T, N,
+    P*P*3] (its videos' frames), frame_mask [rows, V*T]. With `data.empty_slots` > 0 that share of the slots
+    (drawn at random, anywhere in a row) is empty: no tokens, zero pixels, frame_mask 0. The global
+    micro-batch depends only on (seed, index), so any number of hosts sees the same data.
     """
     data, model = cfg.data, cfg.model
     rng = np.random.default_rng([cfg.train.seed, index])
     t = model.tokens
     rows, videos = data.rows, data.videos_per_batch
+    if videos % rows:
+        raise ValueError(f"data.videos_per_batch={videos} does not split evenly over data.rows={rows} rows")
     per_row = videos // rows
+    filled = np.random.default_rng([cfg.train.seed, index, 1]).random((rows, per_row)) >= data.get("empty_slots", 0.0)
     vocab = min(model.llm.vocab_size, 1000)
+    counts = geometry.placeholders_per_frame(model, data.num_frames)
+    need = per_row * (1 + sum(c + 4 for c in counts) + data.answer_len)
+    if need > data.seq_len:
+        raise ValueError(f"data.seq_len={data.seq_len} is too short for {per_row} videos of "
+                         f"{data.num_frames} frames per row ({need} tokens)")
     ids = np.zeros((rows, data.seq_len), np.int32)
     seg = np.zeros_like(ids)
     loss_mask = np.zeros_like(ids)
@@ -34,37 +45,34 @@ def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
         seq = []
         for v in range(per_row):
             start = len(seq)
-            seq.append(int(rng.integers(0, vocab)))
-            for c in placeholders_per_frame(model, data.num_frames):
-                seq += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
+            example = [int(rng.integers(0, vocab))]
+            for c in counts:
+                example += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
             answer = [int(x) for x in rng.integers(0, vocab, data.answer_len)]
-            seq += answer
-            if len(seq) > data.seq_len:
-                raise ValueError(f"data.seq_len={data.seq_len} is too short for {per_row} videos of "
-                                 f"{data.num_frames} frames ({len(seq)} tokens)")
+            if not filled[r, v]:  # an empty slot (its draws are still made: the other slots' data stay the same)
+                continue
+            seq += example + answer
             seg[r, start: len(seq)] = v + 1
             positions[r, start: len(seq)] = np.arange(len(seq) - start)
             loss_mask[r, len(seq) - len(answer) - 1: len(seq) - 1] = 1
         ids[r, : len(seq)] = seq
-    grid = model.vit.image_size // model.vit.patch_size
-    base = rng.uniform(-1, 1, size=(videos, 1, grid * grid, model.vit.patch_size ** 2 * 3))
+    frames = per_row * data.num_frames  # F = V*T slots per row
+    base = rng.uniform(-1, 1, size=(videos, 1, geometry.patches_per_frame(model), geometry.patch_dim(model)))
     pixels = np.clip(base + 0.2 * rng.normal(size=(videos, data.num_frames, *base.shape[2:])), -1, 1)
-    pixels = pixels.reshape(videos * data.num_frames, *base.shape[2:]).astype(np.float32)
+    frame_mask = np.repeat(filled, data.num_frames, axis=1).astype(np.int32)  # [rows, V*T]
+    pixels = pixels.reshape(rows, frames, *base.shape[2:]).astype(np.float32)  # row r: videos r*V .. r*V+V-1
+    pixels *= frame_mask[..., None, None]
     batch = dict(input_ids=ids, segment_ids=seg, positions=positions, targets=np.roll(ids, -1, axis=1),
-                 loss_mask=loss_mask, pixel_values=pixels)
-    return host_slice(batch, rows, videos * data.num_frames)
+                 loss_mask=loss_mask, pixel_values=pixels, frame_mask=frame_mask)
+    return host_slice(batch, rows)
 
 
-def host_slice(batch: dict, rows: int, frames: int) -> dict:
-    """Returns this process's contiguous share of the rows and of the (row-ordered) frames."""
+def host_slice(batch: dict, rows: int) -> dict:
+    """Returns this process's contiguous share of the rows of a batch-major batch (every key has rows first)."""
     p, n = jax.process_index(), jax.process_count()
-    if rows % n or frames % n:
-        raise ValueError(f"{rows} rows / {frames} frames per micro-batch do not split over {n} hosts")
-    out = {}
-    for key, value in batch.items():
-        size = frames if key == "pixel_values" else rows
-        out[key] = value[p * size // n: (p + 1) * size // n]
-    return out
+    if rows % n:
+        raise ValueError(f"{rows} rows per micro-batch do not split over {n} hosts")
+    return {key: value[p * rows // n: (p + 1) * rows // n] for key, value in batch.items()}
 
 
 class InputSource:

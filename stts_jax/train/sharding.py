@@ -1,8 +1,9 @@
-"""The device mesh and the one table that maps logical axis names onto mesh axes.
+"""The device mesh, parameter shardings and global input arrays.
 
 Parameters carry logical names (`embed`, `mlp`, `heads`, `kv`, `vocab`); activations use `batch`,
-`frames`, `tokens`. `LOGICAL_RULES` maps each to mesh axes of a (data, fsdp, tensor) mesh. A dimension
-that the mapped mesh axes do not divide is replicated instead (tiny test models on 8 devices).
+`frames`, `tokens`. `LOGICAL_RULES` (stts_jax.model.partitioning, the one table) maps each to mesh axes of a
+(data, fsdp, tensor) mesh. A dimension that the mapped mesh axes do not divide is split over the largest
+prefix of them that divides it, else replicated (tiny test models on 8 devices).
 """
 
 from __future__ import annotations
@@ -15,23 +16,22 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from stts_jax.model.partitioning import LOGICAL_RULES, MESH_AXES, logical_to_spec  # noqa: F401 (the one table)
 
-LOGICAL_RULES: Mapping[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "frames": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "mlp": ("tensor",),
-    "heads": ("tensor",),
-    "kv": ("tensor",),
-    "vocab": ("tensor",),
-    "tokens": (),  # top-k and gathers run along the token axis: never shard it
-}
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+              embed_dims: Sequence[int] = ()) -> Mesh:
+    """Returns a (data, fsdp, tensor) mesh (Auto axes: XLA propagates shardings); one axis may be -1 = the rest.
 
-
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Returns a (data, fsdp, tensor) mesh (Auto axes: XLA propagates shardings); one axis may be -1 = the rest."""
+    `fsdp=0` picks the fsdp size: the largest divisor of the devices left by `tensor` that divides every
+    `embed_dims` size (see `embed_dims_of`), so no parameter is replicated for want of divisibility (the ViT
+    width 1152 does not divide by 256); `data` then takes the rest.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    if fsdp == 0:
+        if tensor < 1 or len(devices) % tensor:
+            raise ValueError(f"mesh: fsdp=0 (auto) needs a fixed tensor size dividing {len(devices)} devices")
+        fsdp = auto_fsdp(len(devices) // tensor, embed_dims)
+        data = -1
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
@@ -46,33 +46,49 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES) -> P:
-    """Returns the PartitionSpec of an array with logical axis `names` (undividable dims replicated)."""
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape):
-        axes = tuple(a for a in rules.get(name, ()) if a not in used and mesh.shape[a] > 1) if name else ()
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
-            spec.append(None)
-            continue
-        used.update(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
+def auto_fsdp(devices: int, embed_dims: Sequence[int]) -> int:
+    """Returns the largest divisor of `devices` that divides every size in `embed_dims` (1 if none does)."""
+    for size in range(devices, 0, -1):
+        if devices % size == 0 and all(d % size == 0 for d in embed_dims):
+            return size
+    return 1
+
+
+def embed_dims_of(state: nnx.State) -> tuple[int, ...]:
+    """Returns the sizes of every parameter dimension named `embed` (the axis fsdp splits), sorted and unique."""
+    dims = set()
+    for _, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding") or ()
+        dims.update(size for name, size in zip(names, var.shape) if name == "embed")
+    return tuple(sorted(dims))
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh,
                       rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES) -> NamedSharding:
     """Returns the NamedSharding of one Variable from its `out_sharding` logical names."""
     names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-    return NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh, rules))
+    return NamedSharding(mesh, logical_to_spec(names, variable.shape, dict(mesh.shape), rules))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = LOGICAL_RULES) -> nnx.State:
     """Returns a State shaped like `state` whose Variables hold NamedShardings (for jit in/out_shardings)."""
     flat = [(path, var.replace(value=variable_sharding(var, mesh, rules))) for path, var in nnx.to_flat_state(state)]
     return nnx.from_flat_state(flat)
+
+
+def init_sharded(make, mesh: Mesh) -> nnx.Module:
+    """Returns the module `make()` builds, every variable created by one jitted init directly in its sharding on
+    `mesh` (never built whole on one device)."""
+    graphdefs = []
+
+    def build():
+        graphdef, state = nnx.split(make())
+        graphdefs.append(graphdef)  # static structure, the same on every trace
+        return state
+
+    abstract = jax.eval_shape(build)  # (not nnx.eval_shape: under a mesh it reads logical names as mesh axes)
+    state = jax.jit(build, out_shardings=state_shardings(abstract, mesh))()
+    return nnx.merge(graphdefs[-1], state)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -102,9 +118,37 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Returns the sharding of a batch-major array: leading axis over (data, fsdp), rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_axis: int = 0) -> NamedSharding:
+    """Returns the sharding of a batch-major array: axis `batch_axis` (rows) over (data, fsdp) as far as it
+    divides (the rules table's `batch`), every other axis whole."""
+    names = [None] * len(shape)
+    names[batch_axis] = "batch"
+    return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape)))
+
+
+def to_global(batch: dict, mesh: Mesh, *, batch_axis: int = 0) -> dict:
+    """Returns global jax.Arrays on `mesh` from this process's rows of a batch-major batch (numpy).
+
+    Every array's axis `batch_axis` holds rows (axis 1 when a micro-batch axis leads); each process passes its
+    own rows, and the global array concatenates them in process order, sharded over (data, fsdp). Arrays
+    without that axis (per-batch scalars such as `num_videos`) are dropped. The one place where host batches
+    become device arrays: trainer, evaluation, estimate and benchmarks call it.
+    """
+    n = jax.process_count()
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.ndim <= batch_axis:
+            continue
+        global_shape = list(value.shape)
+        global_shape[batch_axis] *= n
+        if n > 1 and global_shape[batch_axis] % shards:
+            raise ValueError(f"batch[{key!r}] has {global_shape[batch_axis]} rows globally, not divisible by the "
+                             f"{shards} data*fsdp shards; multi-host batches must divide evenly")
+        sharding = batch_sharding(mesh, global_shape, batch_axis)
+        out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(global_shape))
+    return out
 
 
 def describe(mesh: Mesh) -> str:

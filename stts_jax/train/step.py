@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from stts_jax.model.pruning import FrameLayout
+from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM, total_loss
 from stts_jax.train import sharding
 

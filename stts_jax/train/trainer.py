@@ -13,14 +13,13 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from stts_jax.config import ConfigError, tokens_per_frame, validate_model_config
-from stts_jax.model import pruning
-from stts_jax.model.adapter import video_pooling_indices
-from stts_jax.model.pruning import FrameLayout
+from stts_jax.config import ConfigError, validate_model_config
+from stts_jax.geometry import tokens_per_frame
+from stts_jax import geometry
+from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import inputs, sharding
@@ -52,20 +51,24 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
                  f"dataset path {data.path!r} does not exist")
     _require(data.num_frames >= 1 and data.videos_per_batch >= 1 and data.rows >= 1, "data.num_frames",
              "num_frames, videos_per_batch and rows must be >= 1")
+    _require(data.videos_per_batch % data.rows == 0, "data.videos_per_batch",
+             f"{data.videos_per_batch} video slots do not split evenly over data.rows={data.rows} rows "
+             "(every row holds videos_per_batch / rows slots)")
     if tr.init_from:
         _require(os.path.isdir(tr.init_from), "train.init_from", f"checkpoint directory {tr.init_from!r} does not exist")
 
 
 def frame_layout(cfg: ml_collections.ConfigDict) -> FrameLayout:
-    """Returns the static FrameLayout of one micro-batch: videos_per_batch videos of num_frames frames."""
-    return FrameLayout.videos(*([cfg.data.num_frames] * cfg.data.videos_per_batch))
+    """Returns the static FrameLayout of one batch row: videos_per_batch / rows video slots of num_frames frames."""
+    return FrameLayout.video_slots(cfg.data.videos_per_batch // cfg.data.rows, cfg.data.num_frames)
 
 
-def load_own_init(cfg: ml_collections.ConfigDict) -> Molmo2VLM | None:
+def load_own_init(cfg: ml_collections.ConfigDict, mesh=None) -> Molmo2VLM | None:
     """Returns the model of `train.init_from` if it is this project's own weights (a training workdir's latest
     checkpoint or a params checkpoint), with cfg.model's STTS setup (scorer fresh); else None.
 
-    Call it outside any mesh context (the checkpoint is restored on one device, then sharded).
+    With a mesh, the weights are restored straight into their shardings and the fresh scorer is initialised
+    sharded.
     """
     from stts_jax.interop import params_io
 
@@ -73,28 +76,28 @@ def load_own_init(cfg: ml_collections.ConfigDict) -> Molmo2VLM | None:
     if not path:
         return None
     if params_io.is_params_checkpoint(path):
-        own = params_io.load_model(path)
+        own = params_io.load_model(path, mesh=mesh)
     elif params_io.is_train_workdir(path):
-        own = params_io.load_train_checkpoint(path)[0]
+        own = params_io.load_train_checkpoint(path, mesh=mesh)[0]
     else:
         return None
-    model, fresh = params_io.transplant(own, cfg.model, seed=cfg.train.seed, fresh=("scorer",))
+    model, fresh = params_io.transplant(own, cfg.model, seed=cfg.train.seed, fresh=("scorer",), mesh=mesh)
     logging.info("initialised from %s; fresh: %s", path, fresh)
     return model
 
 
-def build_model(cfg: ml_collections.ConfigDict, own: Molmo2VLM | None = None) -> Molmo2VLM:
-    """Returns the model: `own` weights (load_own_init), a Molmo2 checkpoint in `train.init_from` (scorer
-    fresh), or initialised from scratch."""
+def build_model(cfg: ml_collections.ConfigDict, mesh, own: Molmo2VLM | None = None) -> Molmo2VLM:
+    """Returns the model sharded on `mesh`: `own` weights (load_own_init), a Molmo2 checkpoint in
+    `train.init_from` (scorer fresh), or initialised from scratch by one jitted, sharded init."""
     if own is not None:
-        return own
+        return sharding.shard_model(own, mesh)  # already in place when restored with the mesh
     if cfg.train.init_from:
         from stts_jax.interop.hf_import import load_molmo2
 
         model, report = load_molmo2(cfg.train.init_from, cfg.model, seed=cfg.train.seed)
         logging.info("initialised from %s (%s layout); fresh: %s", cfg.train.init_from, report.layout, report.fresh)
-        return model
-    return Molmo2VLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        return sharding.shard_model(model, mesh)
+    return sharding.init_sharded(lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), mesh)
 
 
 class _Preemption:
@@ -131,17 +134,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         ckpt_lib.check_compatible(checkpointer.saved_config(latest), cfg)
 
     # ---- mesh
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    embed_dims = sharding.embed_dims_of(nnx.state(nnx.eval_shape(lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(0)))))
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, embed_dims=embed_dims)
     logging.info("mesh: %s", sharding.describe(mesh))
     layout = frame_layout(cfg)
-    own = load_own_init(cfg)
+    own = load_own_init(cfg, mesh)
     with jax.set_mesh(mesh):
         # ---- input
         source = inputs.make_input(cfg)
         # ---- model, optimizer, sharded state
-        model = build_model(cfg, own)
+        model = build_model(cfg, mesh, own)
         del own
-        sharding.shard_model(model, mesh)
         optimizer = make_optimizer(cfg.optim, cfg.train.steps, nnx.state(model, nnx.Param))
         graphdef, state = init_state(model, optimizer)
         del model
@@ -155,9 +158,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         start = int(state["step"])
         # ---- metrics
         w = tokens_per_frame(cfg.model)
-        st = cfg.model.stts
-        kept = (pruning.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
-                if st.method != "none" else w * layout.num_frames)
+        kept = geometry.row_vision_tokens(cfg.model, layout)
         tokens_per_step = cfg.data.rows * cfg.data.seq_len * cfg.train.grad_accum
         writer = MetricWriter(workdir, cfg.train.steps, tokens_per_step=tokens_per_step)
         records: list[dict] = []
@@ -165,7 +166,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         with _Preemption() as preemption:
             last = time.perf_counter()
             for step in range(start, cfg.train.steps):
-                batch = host_batch_to_global(source.next_batches(cfg.train.grad_accum), mesh, cfg)
+                batch = sharding.to_global(source.next_batches(cfg.train.grad_accum), mesh, batch_axis=1)
                 if step == start:
                     writer.step_flops = step_flops(step_fn, state, batch)
                 state, metrics = step_fn(state, batch)
@@ -200,26 +201,3 @@ def step_flops(step_fn, state, batch) -> float:
         return flops_of(step_fn.lower(state, batch).cost_analysis())
     except Exception:  # cost analysis is best effort
         return 0.0
-
-
-def host_batch_to_global(batch: dict, mesh, cfg: ml_collections.ConfigDict) -> dict:
-    """Returns global jax.Arrays from this host's stacked micro-batches [accum, ...].
-
-    Axis 1 (rows / frames) is split over data x fsdp when it divides; the pooling indices are the same
-    static function of the global frame count on every host, so they are built here, not shipped.
-    """
-    out = {}
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    for key, value in batch.items():
-        if key in ("pooling_idx", "num_videos"):
-            continue
-        value = np.asarray(value)
-        global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
-        spec = [None, ("data", "fsdp") if global_shape[1] % dp == 0 else None] + [None] * (value.ndim - 2)
-        shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-        out[key] = jax.make_array_from_process_local_data(shard, value, global_shape)
-    accum, frames = out["pixel_values"].shape[:2]
-    grid = cfg.model.vit.image_size // cfg.model.vit.patch_size
-    pooling = video_pooling_indices(frames, grid, cfg.model.adapter.pool_size).astype(np.int32)
-    out["pooling_idx"] = jax.device_put(np.broadcast_to(pooling, (accum, *pooling.shape)), sharding.replicated(mesh))
-    return out
