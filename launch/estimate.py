@@ -105,10 +105,10 @@ def libtpu_available() -> bool:
 def run_child(chips: int) -> dict:
     """Estimates one chip count in this process (jax imported here, after XLA_FLAGS is set)."""
     import jax
-    from flax import nnx
 
     from stts_jax.config import validate_model_config
     from stts_jax.train import estimate, sharding
+    from stts_jax.train.trainer import model_embed_dims
 
     cfg = _CONFIG.value
     validate_model_config(cfg.model)
@@ -123,7 +123,7 @@ def run_child(chips: int) -> dict:
     if len(devices) != chips:
         raise RuntimeError(f"asked for {chips} devices, got {len(devices)}")
     data, fsdp, tensor = mesh_axes(_MESH.value, cfg, chips)
-    embed_dims = sharding.embed_dims_of(nnx.state(estimate.abstract_model(cfg)))
+    embed_dims = model_embed_dims(cfg.model) if fsdp == 0 else ()
     mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, embed_dims=embed_dims)
     if not _KEEP_BATCH.value:
         cfg = estimate.scale_batch(cfg, mesh.shape["data"] * mesh.shape["fsdp"], global_batch=_GLOBAL_BATCH.value,

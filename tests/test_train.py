@@ -141,3 +141,14 @@ def test_sharded_init_is_born_sharded_and_equals_the_eager_init():
         assert value.sharding.is_equivalent_to(flat_want[path].get_value(), value.ndim), path
         sharded += not value.sharding.is_fully_replicated
     assert sharded > 10  # not vacuous: most weights are split over fsdp
+
+
+def test_auto_fsdp_mesh_divides_every_embed_width():
+    """mesh fsdp=0: the widest fsdp dividing every embed width (Molmo2-4B: 1152, 2304, 2560 -> 128 of 256 chips)."""
+    from stts_jax.train import sharding as sh
+
+    assert sh.auto_fsdp(256, (1152, 2304, 2560)) == 128
+    assert sh.auto_fsdp(8, (1152, 2304, 2560)) == 8
+    assert sh.auto_fsdp(6, (4, 10)) == 2
+    mesh = sh.make_mesh(data=-1, fsdp=0, tensor=1, embed_dims=(12, 20))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}

@@ -8,8 +8,9 @@ calls `constrain` on its activations so every stage stays split over the batch r
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -53,3 +54,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, dict(mesh.shape)))
+
+
+def under_mesh(jitted: Callable, mesh) -> Callable:
+    """Returns `jitted` run under `jax.set_mesh(mesh)` (so `constrain` applies), or `jitted` itself without a mesh;
+    the wrapper keeps the jitted function's compilation count (`_cache_size`)."""
+    if mesh is None:
+        return jitted
+
+    @functools.wraps(jitted)
+    def run(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return jitted(*args, **kwargs)
+
+    run._cache_size = jitted._cache_size
+    return run

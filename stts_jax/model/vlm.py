@@ -25,7 +25,6 @@ vision-layout token of its example (bidirectional block). Activations are constr
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -41,7 +40,7 @@ from stts_jax.model import pruning
 from stts_jax.model.adapter import Adapter
 from stts_jax.model.layers import run_block
 from stts_jax.model.llm import LanguageModel
-from stts_jax.model.partitioning import constrain
+from stts_jax.model.partitioning import constrain, under_mesh
 from stts_jax.model.scorer import TemporalTokenScorer
 from stts_jax.model.vit import VisionTransformer
 
@@ -360,16 +359,7 @@ def make_forward(model: Molmo2VLM, mesh=None, layout: FrameLayout | None = None)
     def jitted(state, batch, rng=None):
         return nnx.merge(graphdef, state)(batch, layout, rng)
 
-    if mesh is None:
-        return Forward(graphdef, state, jitted)
-
-    @functools.wraps(jitted)
-    def apply(state, batch, rng=None):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch, rng)
-
-    apply._cache_size = jitted._cache_size
-    return Forward(graphdef, state, apply)
+    return Forward(graphdef, state, under_mesh(jitted, mesh))
 
 
 def expected_row_tokens(cfg: ml_collections.ConfigDict, layout: FrameLayout, frame_mask: np.ndarray) -> np.ndarray:

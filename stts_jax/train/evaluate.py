@@ -29,6 +29,7 @@ from flax import nnx
 
 from stts_jax import geometry
 from stts_jax.geometry import FrameLayout
+from stts_jax.model.partitioning import under_mesh
 from stts_jax.model.vlm import Molmo2VLM
 from stts_jax.train import sharding
 
@@ -129,14 +130,7 @@ def make_answer_logits(model: Molmo2VLM, layout: FrameLayout, seed: int = 0, mes
         first = jnp.argmax(batch["loss_mask"] > 0, axis=1)  # [R]
         return jnp.take_along_axis(logits, first[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
-    if mesh is None:
-        return state, jitted
-
-    def answer_logits(state, batch):
-        with jax.set_mesh(mesh):
-            return jitted(state, batch)
-
-    return state, answer_logits
+    return state, under_mesh(jitted, mesh)
 
 
 def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", tokenizer: str, method: str,

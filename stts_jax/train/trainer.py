@@ -63,6 +63,11 @@ def frame_layout(cfg: ml_collections.ConfigDict) -> FrameLayout:
     return FrameLayout.video_slots(cfg.data.videos_per_batch // cfg.data.rows, cfg.data.num_frames)
 
 
+def model_embed_dims(model_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Returns the model's `embed` widths (what an auto fsdp size must divide), from abstract shapes only."""
+    return sharding.embed_dims_of(nnx.state(nnx.eval_shape(lambda: Molmo2VLM(model_cfg, rngs=nnx.Rngs(0)))))
+
+
 def load_own_init(cfg: ml_collections.ConfigDict, mesh=None) -> Molmo2VLM | None:
     """Returns the model of `train.init_from` if it is this project's own weights (a training workdir's latest
     checkpoint or a params checkpoint), with cfg.model's STTS setup (scorer fresh); else None.
@@ -134,8 +139,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         ckpt_lib.check_compatible(checkpointer.saved_config(latest), cfg)
 
     # ---- mesh
-    embed_dims = sharding.embed_dims_of(nnx.state(nnx.eval_shape(lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(0)))))
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, embed_dims=embed_dims)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                              embed_dims=model_embed_dims(cfg.model) if cfg.mesh.fsdp == 0 else ())
     logging.info("mesh: %s", sharding.describe(mesh))
     layout = frame_layout(cfg)
     own = load_own_init(cfg, mesh)
