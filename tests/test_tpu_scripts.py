@@ -98,7 +98,7 @@ def test_install_ships_the_checkout_or_clones_a_repo(tmp_path):
     assert ssh[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "stts-4b", "--worker=all"]
     remote = remote_command(ssh)
     for step in ['tar -xzf "$HOME/stts-jax.tar.gz"', 'python3.11 -m venv "$HOME/stts-venv"',
-                 """pip" install -q -e "$HOME/stts-jax" 'jax[tpu]==0.10.2'"""]:
+                 'pip" install -q -c "$HOME/stts-jax/constraints.txt" -e "$HOME/stts-jax[tpu]"']:
         assert step in remote, remote
     (ssh,) = dry_run("install.sh", *SLICE, "--repo=https://example.org/stts-jax.git", "--ref=v1.2")
     assert 'git clone -q https://example.org/stts-jax.git "$HOME/stts-jax"' in remote_command(ssh)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the project on every worker of a TPU VM slice: Python 3.11 venv, `pip install -e .` and jax[tpu].
+# Installs the project on every worker of a TPU VM slice: Python 3.11 venv, `pip install -e '.[tpu]'` (jax[tpu]: libtpu)
+# with constraints.txt, the exact set CI tests.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -11,7 +12,8 @@ USAGE="usage: launch/tpu/install.sh --name=NAME --zone=ZONE (--repo=URL [--ref=R
   --source=DIR                instead of --repo: ship DIR's committed HEAD (git archive) to every worker with scp
   --dry_run                   print the gcloud command lines instead of running them
 
-Each worker gets \$HOME/stts-jax (the code) and \$HOME/stts-venv (Python 3.11, the project, jax[tpu]==0.10.2).
+Each worker gets \$HOME/stts-jax (the code) and \$HOME/stts-venv (Python 3.11, the project with its tpu extra,
+pinned by the checkout's constraints.txt).
 Example:
   launch/tpu/install.sh --name=stts-4b --zone=us-east5-a --source=."
 BOOL_FLAGS="dry_run"
@@ -43,7 +45,7 @@ sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -
 $fetch; \
 python3.11 -m venv \"\$HOME/stts-venv\"; \
 \"\$HOME/stts-venv/bin/pip\" install -q -U pip; \
-\"\$HOME/stts-venv/bin/pip\" install -q -e \"\$HOME/stts-jax\" 'jax[tpu]==0.10.2'; \
+\"\$HOME/stts-venv/bin/pip\" install -q -c \"\$HOME/stts-jax/constraints.txt\" -e \"\$HOME/stts-jax[tpu]\"; \
 \"\$HOME/stts-venv/bin/python\" -c 'import stts_jax, jax; print(\"installed jax\", jax.__version__)'"
 
 run gcloud compute tpus tpu-vm ssh "$FLAG_name" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"
