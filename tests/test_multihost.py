@@ -1,5 +1,6 @@
 """Two processes on localhost (jax.distributed over gloo, 4 CPU devices each) match one 8-device process."""
 
+import gc
 import json
 import os
 import socket
@@ -20,7 +21,13 @@ def free_port() -> int:
 
 
 def run_two_processes(tmp_path, variant=""):
-    """Returns the two workers' results (losses, device counts) of multihost_worker.py."""
+    """Returns the two workers' results (losses, device counts) of multihost_worker.py. Runs before this process
+    trains its single-process reference, and drops this process's compiled programs first: each worker needs several
+    GB while compiling, and a 2-core CI machine has no memory to spare for the suite's own caches beside them."""
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
     port = free_port()
     worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -40,8 +47,8 @@ def test_two_processes_match_single_process(tmp_path):
 
     cfg = tiny_train.get_config("scorer")
     cfg.train.update(steps=3, log_every=1, ckpt_every=100)
-    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
     results = run_two_processes(tmp_path)
+    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
     np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
     np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)
 
@@ -59,7 +66,7 @@ def test_two_processes_both_holding_dummy_videos_match_single_process(tmp_path):
         mask = random_micro_batch(cfg, step)["frame_mask"]
         empty = mask.reshape(8, 2, -1)[:, :, 0] == 0  # [rows, slots]
         assert empty[:4].any() and empty[4:].any() and empty[:, 0].any() and empty.sum() < 16, empty
-    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
     results = run_two_processes(tmp_path, "empty_slots")
+    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
     np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
     np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)
