@@ -23,7 +23,7 @@ def free_port() -> int:
 def run_two_processes(tmp_path, variant=""):
     """Returns the two workers' results (losses, device counts) of multihost_worker.py. Runs before this process
     trains its single-process reference, and drops this process's compiled programs first: each worker needs several
-    GB while compiling, and a 2-core CI machine has no memory to spare for the suite's own caches beside them."""
+    GB while compiling, and a 24 GiB CI machine has no memory to spare for the suite's own caches beside them."""
     import jax
 
     jax.clear_caches()
