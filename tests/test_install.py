@@ -5,6 +5,8 @@ The resolution tests ask the real index (pip's dry run with --python-version); t
 the summary, only when the index cannot be reached at all. pip 23's dry run does not apply Requires-Python to the
 target Python, so the wheel's own Requires-Python is checked separately."""
 
+import email
+import json
 import os
 import re
 import shutil
@@ -12,6 +14,8 @@ import socket
 import subprocess
 import sys
 import tomllib
+import zipfile
+from importlib.metadata import version
 
 import pytest
 from packaging.requirements import Requirement
@@ -62,7 +66,6 @@ def test_lock_pins_every_dependency_inside_its_range():
         assert req.specifier.contains(pins[name], prereleases=True), \
             f"constraints.txt pins {req.name}=={pins[name]} outside pyproject.toml's range {req.specifier}"
     # The lock is what CI installs: it is this venv's set for every package the project asks for.
-    from importlib.metadata import version
     for req in requirements(["test", "export"]):
         assert version(req.name) == pins[canonicalize_name(req.name)], f"{req.name}: installed != constraints.txt"
 
@@ -130,7 +133,6 @@ def resolve(wheel, links, extras: str, python: str, target) -> subprocess.Comple
 
 
 def resolved(report_path) -> dict[str, str]:
-    import json
     with open(report_path) as f:
         return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in json.load(f)["install"]}
 
@@ -138,8 +140,6 @@ def resolved(report_path) -> dict[str, str]:
 def wheel_accepts_python(wheel, python: str) -> bool:
     """The wheel's own Requires-Python. pip 23's `install --python-version` does not check it (only `download`,
     which would fetch every wheel), so the tests read it from the wheel's metadata."""
-    import email
-    import zipfile
     with zipfile.ZipFile(wheel) as z:
         (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
         metadata = email.message_from_bytes(z.read(name))
