@@ -573,3 +573,27 @@ def test_temporal_loss_gradients(pairing):
     for mode in ("stop", "pass"):
         gs = np.asarray(jax.grad(loss, argnums=0)(s, h, mode))
         np.testing.assert_allclose(gs, want_gs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target_grad", ["stop", "pass"])
+def test_temporal_loss_zero_window_has_finite_gradients(target_grad):
+    """A window whose hidden states are all zero (e.g. black padding) gives finite gradients in every mode, and
+    every patch outside it gets exactly the gradient it gets when that window holds anything else (its term is the
+    only one that reads it)."""
+    groups, layout, scores, hidden = _grad_setup()
+    grid, pool = 8, 3
+    kw = dict(grid=grid, pool=pool, ratio=0.5, prune_from_frame=0, pairing="per-video", target_grad=target_grad)
+    patches = np.zeros((grid, grid), bool)
+    patches[:pool, :pool] = True  # window 0
+    zero = hidden.copy()
+    zero[0, 5][patches.reshape(-1)] = 0.0  # row 0, frame 5 (second video), window 0
+
+    def grads(h):
+        return np.asarray(jax.grad(lambda s, h: temporal_loss(s, h, layout, **kw), argnums=(0, 1))(
+            jnp.asarray(scores), jnp.asarray(h))[1])
+
+    g_zero, g_other = grads(zero), grads(hidden)
+    assert np.all(np.isfinite(g_zero))
+    outside = np.ones(hidden.shape[:3], bool)
+    outside[0, 4:7, patches.reshape(-1)] = False  # that window in frame 5 and its neighbours 4 and 6
+    np.testing.assert_allclose(g_zero[outside], g_other[outside], rtol=1e-5, atol=1e-8)

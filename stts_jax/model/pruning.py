@@ -153,7 +153,9 @@ def temporal_similarity(hidden: jax.Array, pairs: np.ndarray, grid: int, pool: i
     pair_dot = jax.lax.map(lambda f: (h[:, f - 1] * h[:, f]).sum(-1), jnp.asarray(pairs), batch_size=chunk)  # [P, B, N]
     dot = jnp.einsum("pbn,nw->bpw", pair_dot, to_windows)  # [B, P, W]
     sq = jnp.square(h).sum(-1) @ to_windows  # [B, F, W]
-    norm = jnp.maximum(jnp.sqrt(sq), 1e-8)
+    # the guard inside the sqrt: max(sqrt(sq), eps) has an infinite sqrt' at sq = 0, and 0 * inf is NaN, which the
+    # window-sum matmul's transpose spreads over the whole frame; here a zero window gets a finite gradient
+    norm = jnp.sqrt(jnp.maximum(sq, 1e-16))
     return dot / (norm[:, pairs - 1] * norm[:, pairs])
 
 
