@@ -263,3 +263,34 @@ def test_export_from_a_trainer_checkpoint_reads_only_the_parameters(tmp_path):
         assert np.array_equal(want[key], value), key
     with pytest.raises(params_io.ParamsCheckpointError, match=r"no checkpoint for step 3; saved steps are \[7\]"):
         params_io.load_train_checkpoint(str(tmp_path / "work"), step=3)
+
+
+def test_import_refuses_non_float_weights_and_shard_names_outside_the_directory(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    cfg = stts_tiny_config(prune_ratio=0.5)
+    hf_export.export_hf(perturbed_model(cfg), cfg, str(tmp_path / "hf"), max_shard_bytes="100KB")
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key, shard = sorted(index["weight_map"].items())[0]
+    shard_path = tmp_path / "hf" / shard
+    good = load_file(str(shard_path))
+    # an integer (quantised) tensor is refused, not cast to float
+    save_file({**good, key: np.round(good[key] * 100).astype(np.int8)}, str(shard_path))
+    with pytest.raises(CheckpointError, match=rf"tensor {key} has dtype int8; weights must be one of"):
+        hf_export.load_exported(str(tmp_path / "hf"))
+    save_file(good, str(shard_path))
+    scorer_path = tmp_path / "hf" / "stts_scorer.safetensors"
+    scorer = load_file(str(scorer_path))
+    save_file({**scorer, "fc2.weight": scorer["fc2.weight"].astype(np.int32)}, str(scorer_path))
+    with pytest.raises(CheckpointError, match=r"stts_scorer\.safetensors: fc2\.weight has dtype int32"):
+        hf_export.load_exported(str(tmp_path / "hf"))
+    save_file(scorer, str(scorer_path))
+    # index.json naming a shard outside the directory (a copy of a real shard sits there to be read)
+    (tmp_path / "outside.safetensors").write_bytes(shard_path.read_bytes())
+    for name in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "sub/../../outside.safetensors"):
+        index_path.write_text(json.dumps({**index, "weight_map": {**index["weight_map"], key: name}}))
+        with pytest.raises(CheckpointError, match=r"is not a file name inside"):
+            hf_export.load_exported(str(tmp_path / "hf"))
+    index_path.write_text(json.dumps(index))
+    hf_export.load_exported(str(tmp_path / "hf"))  # the restored directory imports again

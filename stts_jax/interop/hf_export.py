@@ -447,6 +447,7 @@ def load_scorer(model, hf_dir: str) -> int:
         if path is None or _path_str(path) not in targets:
             raise hf_import.CheckpointError(f"{STTS_SCORER_FILE}: unexpected tensor {name}")
         var = targets[_path_str(path)]
+        hf_import.check_weight_dtype(f"{STTS_SCORER_FILE}: {name}", tensor.dtype)
         array = tensor.T if path[-1] == "kernel" else tensor
         if tuple(array.shape) != tuple(var.shape):
             raise hf_import.CheckpointError(

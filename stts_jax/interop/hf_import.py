@@ -214,6 +214,17 @@ def converter_for(key: str, cfg) -> Convert | None:
 
 # ------------------------------------------------------------------------------------------- reading
 
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_weight_dtype(source: str, dtype) -> None:
+    """Raises CheckpointError unless `dtype` is a floating-point weight type (integer or fp8 tensors would be cast
+    to float silently: a quantised checkpoint is not something this importer understands)."""
+    if np.dtype(dtype).name not in WEIGHT_DTYPES:
+        raise CheckpointError(f"tensor {source} has dtype {np.dtype(dtype).name}; weights must be one of "
+                              f"{', '.join(WEIGHT_DTYPES)} (a quantised or integer checkpoint cannot be imported)")
+
+
 def _weight_files(ckpt_dir: str) -> dict[str, list[str]]:
     """Returns {file name: [tensor names]} from the index, or the single model.safetensors."""
     index_path = os.path.join(ckpt_dir, "model.safetensors.index.json")
@@ -222,6 +233,11 @@ def _weight_files(ckpt_dir: str) -> dict[str, list[str]]:
             weight_map = json.load(f).get("weight_map", {})
         files: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
+            if not isinstance(fname, str) or fname in ("", ".", "..") or os.path.basename(fname) != fname \
+                    or (os.altsep and os.altsep in fname):
+                raise CheckpointError(f"model.safetensors.index.json assigns {key} to {fname!r}, which is not a "
+                                      f"file name inside {ckpt_dir} (shards are plain names such as "
+                                      "model-00001-of-00002.safetensors)")
             files.setdefault(fname, []).append(key)
         for fname, keys in files.items():
             if not os.path.exists(os.path.join(ckpt_dir, fname)):
@@ -297,6 +313,7 @@ def load_molmo2(ckpt_dir: str, cfg: ml_collections.ConfigDict | None = None, *, 
             unexpected.append(f"{source} -> {_path_str(path)}")
             return
         want = targets[path]
+        check_weight_dtype(source, array.dtype)
         if tuple(array.shape) != tuple(want.shape):
             raise CheckpointError(f"tensor {source} has shape {tuple(array.shape)} but the model's "
                                   f"{_path_str(path)} needs {tuple(want.shape)} (check config.json)")
