@@ -4,6 +4,20 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole run, shared with the subprocesses the tests start (trainer runs that are
+# killed and resumed, the demo, the 2-process run): the tiny models' train steps are compiled again and again with
+# the same shapes, and compiling dominates the suite's time on 2 cores. Point JAX_COMPILATION_CACHE_DIR somewhere
+# to keep it between runs; by default it lives and dies with the session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="stts-jax-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import importlib.metadata  # noqa: E402
 
