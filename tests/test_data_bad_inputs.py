@@ -2,15 +2,17 @@
 the tfds builder and the Grain pipeline count and report them (skip by default, `fail` on request) and never
 stop mid-epoch."""
 
+import io
 import json
 import os
+import time
 
 import av
 import numpy as np
 import pytest
 
 from stts_jax.config import stts_config, tiny_model_config
-from stts_jax.data.pipeline import BadExampleError, data_config, make_pipeline
+from stts_jax.data.pipeline import BadExampleError, TooManyBadExamples, data_config, make_pipeline
 from stts_jax.data.synthetic import write_benchmark, write_mp4
 from stts_jax.data.video import VideoDecodeError, decode_clip, probe_video
 
@@ -143,13 +145,135 @@ def test_builder_skips_and_reports_bad_videos(bad_files, tmp_path):
     for case in ("corrupt", "empty", "audio_only", "missing"):
         lines.append(dict(id=case, video=bad_files[case][0], question="q?", answer="a"))
     (manual / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    builder = VideoQa(data_dir=str(tmp_path / "tfds"))
+    bad_dir = os.path.dirname(bad_files["corrupt"][0])  # outside the manual dir: allowed explicitly
+    builder = VideoQa(data_dir=str(tmp_path / "tfds"), video_roots=(bad_dir,))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     assert [s["id"] for s in builder.skipped] == ["corrupt", "empty", "audio_only", "missing"]
     assert all(s["error"].startswith(bad_files[s["id"]][0]) for s in builder.skipped)
     source = open_source(str(tmp_path / "tfds"), "train")
     assert len(source) == 1 and source[0]["video_path"].decode() == os.path.abspath(good)
 
-    failing = VideoQa(data_dir=str(tmp_path / "tfds_fail"), on_error="fail")
+    failing = VideoQa(data_dir=str(tmp_path / "tfds_fail"), on_error="fail", video_roots=(bad_dir,))
     with pytest.raises(VideoDecodeError, match=bad_files["corrupt"][0] + ".*example 'corrupt'"):
         failing.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+
+
+def _resolution_change_ts(path):
+    """An MPEG-TS file whose stream switches from 64x48 to 96x64 half-way (two encodes, concatenated as TS allows)."""
+    def segment(width, height, shade):
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mpegts") as container:
+            stream = container.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(12):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), shade + 4 * i, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return buf.getvalue()
+
+    path.write_bytes(segment(64, 48, 40) + segment(96, 64, 140))
+    return str(path)
+
+
+def test_every_per_example_failure_is_a_counted_skip(tokenizer, tmp_path):
+    """Besides bad videos: too many options, an answer_index that picks none, undecodable text and a prompt
+    longer than a row are counted skips (the epoch completes with every good example); a stream that changes
+    resolution mid-way is decoded, each frame resized on its own."""
+    changing = _resolution_change_ts(tmp_path / "changing.ts")
+    clip = decode_clip(changing, SPEC_FRAMES)
+    assert {f.shape for f in clip.frames} == {(48, 64, 3), (64, 96, 3)}
+    goods = [_good_mp4(tmp_path / f"g{i}.mp4", seed=i) for i in range(4)]
+    records = _records(goods[:2] + [changing] + goods[2:] + goods[:4])
+    bad = {4: dict(options=[f"option {i}".encode() for i in range(27)]),
+           5: dict(answer_index=2),
+           6: dict(question=b"\xff\xfe not utf-8"),
+           7: dict(question=b"why " * 600)}
+    for i, fields in bad.items():
+        records[i].update(fields)
+    pipeline = _pipeline(records, tokenizer)
+    it = iter(pipeline)
+    seen = [r for batch in it for r in batch["record"][batch["record"] >= 0].tolist()]
+    it.close()
+    assert sorted(seen) == [0, 1, 2, 3, 8]
+    assert dict(pipeline.report.counts) == {"bad_fields": 3, "too_long": 1}
+    messages = "\n".join(pipeline.report.messages)
+    for fragment in ("at most 26 options, got 27", "answer_index 2 does not pick one of 2 options",
+                     "UnicodeDecodeError", "tokens, more than a packed row holds (seq_len=512)"):
+        assert fragment in messages, fragment
+
+
+def test_a_dataset_of_bad_examples_stops_with_one_line_instead_of_looping(bad_files, tokenizer, tmp_path):
+    missing = [str(tmp_path / f"moved_{i}.mp4") for i in range(20)]
+    cfg = tiny_model_config()
+    data = data_config(tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2, videos_per_row=4,
+                       shuffle=False, num_epochs=None)  # repeating forever: this used to spin without end
+    t0 = time.perf_counter()
+    with pytest.raises(TooManyBadExamples, match=r"^stopping: 16 consecutive bad examples; skipped 16 bad examples "
+                                                 r"\(unreadable: 16\); last: .*moved_15\.mp4: cannot read"):
+        next(iter(make_pipeline(data, cfg, source=_records(missing), process_index=0, process_count=1)))
+    assert time.perf_counter() - t0 < 60
+    # a steady share of bad examples above max_bad_fraction stops too, once bad_fraction_after were read
+    good = _good_mp4(tmp_path / "good.mp4")
+    mixed = _records([p for pair in zip([good] * 10, missing) for p in pair])
+    data.update(max_bad_fraction=0.25, bad_fraction_after=8)
+    with pytest.raises(TooManyBadExamples, match=r"^stopping: 4 of 8 examples were bad"):
+        for _ in make_pipeline(data, cfg, source=mixed, process_index=0, process_count=1):
+            pass
+
+
+def test_builder_refuses_paths_outside_the_dataset_and_bad_fields(tmp_path):
+    """Prepare time: a video path that escapes the dataset folder (../, absolute, a symlink) is refused unless its
+    folder is allowed; empty texts, an answer that disagrees with answer_index, more than 26 options, broken JSON
+    and a repeated id are refused and listed; the good records are written."""
+    from stts_jax.data.pipeline import open_source
+    from stts_jax.data.tfds_builders.video_qa import AnnotationError, VideoQa
+    import tensorflow_datasets as tfds
+
+    manual, outside = tmp_path / "manual", tmp_path / "private"
+    manual.mkdir()
+    outside.mkdir()
+    _good_mp4(manual / "good.mp4")
+    secret = _good_mp4(outside / "secret.mp4", seed=5)
+    (manual / "link.mp4").symlink_to(secret)
+    mc = dict(question="Which?", options=["left", "right"], answer_index=1)
+    lines = [
+        json.dumps(dict(id="ok", video="good.mp4", **mc)),
+        json.dumps(dict(id="dotdot", video="../private/secret.mp4", **mc)),
+        json.dumps(dict(id="absolute", video=secret, **mc)),
+        json.dumps(dict(id="symlink", video="link.mp4", **mc)),
+        json.dumps(dict(id="empty_question", video="good.mp4", question="  ", answer="a")),
+        json.dumps(dict(id="empty_answer", video="good.mp4", question="What?", answer="")),
+        json.dumps(dict(id="disagrees", video="good.mp4", answer="left", **mc)),
+        json.dumps(dict(id="many", video="good.mp4", question="Which?", options=[f"o{i}" for i in range(27)],
+                        answer_index=0)),
+        '{"id": "broken", "video": ',
+        json.dumps(dict(id="ok", video="good.mp4", question="Again?", answer="a")),
+        json.dumps(dict(id="ok2", video="good.mp4", answer="right", **mc)),  # answer agrees: fine
+    ]
+    (manual / "train.jsonl").write_text("\n".join(lines) + "\n")
+    builder = VideoQa(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    kinds = {s["id"]: s["kind"] for s in builder.skipped}
+    assert kinds == {"dotdot": "outside_dataset", "absolute": "outside_dataset", "symlink": "outside_dataset",
+                     "train-4": "bad_annotation", "train-5": "bad_annotation", "train-6": "bad_annotation",
+                     "train-7": "bad_annotation", "train-8": "bad_annotation", "ok": "duplicate_id"}
+    errors = {s["id"]: s["error"] for s in builder.skipped}
+    assert "resolves to " + os.path.realpath(secret) in errors["symlink"]
+    assert "field 'question' is empty" in errors["train-4"] and "field 'answer' is empty" in errors["train-5"]
+    assert "'answer' 'left' is not option 1 ('right')" in errors["train-6"]
+    assert "27 options, at most 26" in errors["train-7"] and "not valid JSON" in errors["train-8"]
+    source = open_source(str(tmp_path / "tfds"), "train")
+    assert sorted(source[i]["id"].decode() for i in range(len(source))) == ["ok", "ok2"]
+    secret_bytes = open(secret, "rb").read()
+    assert all(source[i]["video"] != secret_bytes for i in range(len(source)))
+    # the opt-in: the private folder allowed, the three escaping records are read (the symlink resolved)
+    allowed = VideoQa(data_dir=str(tmp_path / "tfds2"), video_roots=(str(outside),))
+    allowed.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    assert "outside_dataset" not in {s["kind"] for s in allowed.skipped}
+    assert len(open_source(str(tmp_path / "tfds2"), "train")) == 5
+    # on_error="fail": the first refused record stops the build, named
+    with pytest.raises(AnnotationError, match=r"train\.jsonl:2: video '\.\./private/secret\.mp4' resolves to"):
+        VideoQa(data_dir=str(tmp_path / "tfds3"), on_error="fail").download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))

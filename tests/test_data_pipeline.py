@@ -16,7 +16,8 @@ from flax import nnx
 from stts_jax.config import stts_config, tiny_model_config
 from stts_jax.geometry import FrameLayout, placeholders_per_frame, prune_count, tokens_per_frame
 from stts_jax.data.examples import ExampleBuilder
-from stts_jax.data.pipeline import BATCH_KEYS, ExampleTooLongError, data_config, make_pipeline, open_source
+from stts_jax.data.pipeline import (BATCH_KEYS, ExampleTooLongError, TooManyBadExamples, data_config, make_pipeline,
+                                   open_source)
 from stts_jax.data.processor import normalize_pixels
 from stts_jax.data.synthetic import ClipSpec, write_benchmark
 from stts_jax.data.tfds_builders.video_qa import VideoQa
@@ -150,8 +151,13 @@ def test_restoring_iterator_state_reproduces_batches(dataset, workers):
 
 
 def test_example_longer_than_a_row_is_an_error_naming_it(dataset):
+    """on_error="fail": the first over-long example raises, named; "skip": each is a counted skip, and a dataset
+    where every example is too long stops at the skip budget instead of looping."""
     with pytest.raises(ExampleTooLongError, match=r"example 'clip_\d+_\w+' \(record \d+\) has \d+ tokens.*seq_len=64"):
-        next(iter(pipeline(dataset, seq_len=64)))
+        next(iter(pipeline(dataset, seq_len=64, on_error="fail")))
+    with pytest.raises(TooManyBadExamples, match=r"stopping: 4 consecutive bad examples; skipped 4 bad examples "
+                                                   r"\(too_long: 4\)"):
+        next(iter(pipeline(dataset, seq_len=64, num_epochs=None, max_consecutive_bad=4)))
 
 
 def test_host_slices_partition_the_data(dataset):

@@ -24,7 +24,9 @@ class ExampleBuilder:
 
     Example: input_ids / targets / loss_mask int32 [L], frames uint8 [T, N, patch*patch*3] (resized and
     patchified, not yet normalised), record int64 [1] (the record's `index`), id (str).
-    Error marker: {"error": message naming the file, "error_kind": VideoDecodeError.kind, "id": ...}.
+    Error marker: {"error": message naming the file, "error_kind": ..., "id": ...}, for every per-example
+    failure: a bad video (VideoDecodeError.kind), or a record whose fields cannot make an example ("bad_fields":
+    too many options, an answer_index that picks none, undecodable text, ...).
     """
 
     def __init__(self, tokenizer_path: str, *, image_size: int, patch_size: int, num_frames: int,
@@ -56,18 +58,25 @@ class ExampleBuilder:
 
     def __call__(self, record: dict) -> dict:
         """Returns the example dict (or the error marker) of one record."""
-        ident = _str(record["id"])
-        path = _str(record["video_path"])
-        video = record["video"]
+        ident = _str(record.get("id", "?"))
         try:
-            clip = decode_clip(video if len(video) else path, self.num_frames, max_fps=self.max_fps,
-                               sampler=self.sampler, name=path, threads=self.decode_threads)
-            frames = preprocess_frames(clip.frames, self.image_size, self.patch_size)
+            return self._build(record, ident)
         except VideoDecodeError as e:
             return {"error": str(e), "error_kind": e.kind, "id": ident}
-        options = [_str(o) for o in record["options"]]
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeError) as e:
+            where = _str(record.get("video_path", b""))
+            return {"error": f"{where}: record {ident!r}: {type(e).__name__}: {e}", "error_kind": "bad_fields",
+                    "id": ident}
+
+    def _build(self, record: dict, ident: str) -> dict:
+        path = _str(record["video_path"])
+        video = record["video"]
+        options = [_str(o) for o in record["options"]]  # fields first: a bad record costs no decoding
         question = format_question(_str(record["question"]), options)
         answer = format_answer(_str(record["answer"]), options, int(record["answer_index"]))
+        clip = decode_clip(video if len(video) else path, self.num_frames, max_fps=self.max_fps,
+                           sampler=self.sampler, name=path, threads=self.decode_threads)
+        frames = preprocess_frames(clip.frames, self.image_size, self.patch_size)
         example = self.encoder.encode(question, answer, clip.timestamps, self.placeholders)
         example.update(frames=frames, record=np.asarray([record["index"]], np.int64), id=ident)
         return example

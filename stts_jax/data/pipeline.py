@@ -2,8 +2,9 @@
 
   source (tfds ArrayRecord)  -> this host's slice -> shuffle(seed), reshuffled every epoch -> repeat
   -> decode + sample + resize + tokenise (`ExampleBuilder`; in `num_workers` processes via mp_prefetch)
-  -> screen: bad videos are counted, reported and skipped (on_error="skip") or raise (on_error="fail");
-     an example longer than a row raises ExampleTooLongError naming it
+  -> screen: bad examples (bad videos, bad fields, longer than a row) are counted, reported and skipped
+     (on_error="skip") within a skip budget (max_consecutive_bad in a row, max_bad_fraction overall; past it
+     TooManyBadExamples stops the run), or raise naming the example (on_error="fail")
   -> grain.experimental.FirstFitPackIterDataset: rows of seq_len tokens AND at most videos_per_row * T frames
   -> batch `rows` rows -> host batch (below) -> thread prefetch
 
@@ -72,7 +73,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         read_buffer=4,  # examples decoded ahead per process
         host_prefetch=2,  # finished batches prepared ahead on a thread (0 = off)
         decode_threads=1,  # FFmpeg threads per decode
-        on_error="skip",  # bad videos: "skip" (count + report) or "fail"
+        on_error="skip",  # bad examples: "skip" (count + report) or "fail"
+        max_consecutive_bad=16,  # skipping: this many bad examples in a row stop the pipeline (TooManyBadExamples)
+        max_bad_fraction=0.25,  # ... and so does a larger share of bad examples, once bad_fraction_after were read
+        bad_fraction_after=64,
     ))
     cfg.update(overrides)
     return cfg
@@ -83,7 +87,12 @@ class BadExampleError(RuntimeError):
 
 
 class ExampleTooLongError(ValueError):
-    """An example does not fit into one packed row; the message names it."""
+    """An example does not fit into one packed row (with on_error="fail"); the message names it."""
+
+
+class TooManyBadExamples(RuntimeError):
+    """Skipping bad examples went past the skip budget (in a row, or as a share): the data, not one record, is
+    broken (paths moved, a codec missing, seq_len too small). The message names the count and the kinds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,47 +153,67 @@ class BadExampleReport:
 
 
 class _ScreenIterator(grain.DatasetIterator):
-    def __init__(self, parent, on_error: str, seq_len: int, report: BadExampleReport):
+    def __init__(self, parent, cfg: ml_collections.ConfigDict, report: BadExampleReport):
         super().__init__(parent)
-        self._on_error, self._seq_len, self._report = on_error, seq_len, report
+        self._cfg, self._report = cfg, report
+        self._seen = self._in_a_row = 0
+
+    def _skip(self, ident: str, kind: str, message: str, error: type[Exception]) -> None:
+        """Counts one bad example, or raises `error` (on_error="fail") or TooManyBadExamples (over budget)."""
+        if self._cfg.on_error == "fail":
+            raise error(f"bad example {ident!r}: {message}")
+        self._report.add(kind, message)
+        self._in_a_row += 1
+        logging.warning("skipping example %s: %s", ident, message)
+        cfg, total = self._cfg, self._report.total
+        if self._in_a_row >= cfg.max_consecutive_bad:
+            why = f"{self._in_a_row} consecutive bad examples"
+        elif self._seen >= cfg.bad_fraction_after and total > cfg.max_bad_fraction * self._seen:
+            why = f"{total} of {self._seen} examples were bad (more than max_bad_fraction={cfg.max_bad_fraction})"
+        else:
+            return
+        raise TooManyBadExamples(f"stopping: {why}; {self._report.summary()}")
 
     def __next__(self):
         while True:
             element = next(self._parent)
-            if "error" not in element:
-                break
-            if self._on_error == "fail":
-                raise BadExampleError(f"bad example {element['id']!r}: {element['error']}")
-            self._report.add(str(element["error_kind"]), str(element["error"]))
-            logging.warning("skipping example %s: %s", element["id"], element["error"])
-        n = len(element["input_ids"])
-        if n > self._seq_len:
-            raise ExampleTooLongError(
-                f"example {element['id']!r} (record {int(element['record'][0])}) has {n} tokens, more than a packed "
-                f"row holds (seq_len={self._seq_len}): raise seq_len, lower num_frames or shorten its text")
-        element = dict(element)
-        del element["id"]
-        return element
+            self._seen += 1
+            ident = str(element["id"])
+            if "error" in element:
+                self._skip(ident, str(element["error_kind"]), str(element["error"]), BadExampleError)
+                continue
+            n = len(element["input_ids"])
+            if n > self._cfg.seq_len:
+                self._skip(ident, "too_long", f"example {ident!r} (record {int(element['record'][0])}) has {n} "
+                           f"tokens, more than a packed row holds (seq_len={self._cfg.seq_len}): raise seq_len, "
+                           "lower num_frames or shorten its text", ExampleTooLongError)
+                continue
+            self._in_a_row = 0
+            element = dict(element)
+            del element["id"]
+            return element
 
     def get_state(self) -> dict[str, Any]:
         return dict(parent=self._parent.get_state(), counts=dict(self._report.counts),
-                    messages=list(self._report.messages))
+                    messages=list(self._report.messages), seen=self._seen, in_a_row=self._in_a_row)
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._report.counts = collections.Counter(state["counts"])
         self._report.messages = list(state["messages"])
+        self._seen, self._in_a_row = int(state.get("seen", 0)), int(state.get("in_a_row", 0))
 
 
 class _ScreenIterDataset(grain.IterDataset):
-    """Drops (and reports) error markers, refuses over-long examples, removes the string id."""
+    """Skips (counting and reporting) error markers and over-long examples within the skip budget, or raises with
+    on_error="fail"; removes the string id."""
 
-    def __init__(self, parent, on_error: str, seq_len: int, report: BadExampleReport):
+    def __init__(self, parent, cfg: ml_collections.ConfigDict, report: BadExampleReport):
         super().__init__(parent)
-        self._on_error, self._seq_len, self._report = on_error, seq_len, report
+        self._cfg, self._report = cfg, report
 
     def __iter__(self):
-        return _ScreenIterator(self._parent.__iter__(), self._on_error, self._seq_len, self._report)
+        return _ScreenIterator(self._parent.__iter__(), self._cfg, self._report)
 
 
 # ------------------------------------------------------------------------------------------ host batch
@@ -307,7 +336,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                          per_worker_buffer_size=cfg.worker_buffer))
     report = BadExampleReport()
-    ds = _ScreenIterDataset(ds, cfg.on_error, cfg.seq_len, report)
+    ds = _ScreenIterDataset(ds, cfg, report)
     v, t = cfg.videos_per_row, cfg.num_frames
     lengths = dict(input_ids=cfg.seq_len, targets=cfg.seq_len, loss_mask=cfg.seq_len, frames=v * t, record=v)
     ds = grain.experimental.FirstFitPackIterDataset(
@@ -342,7 +371,7 @@ def find_tokenizer(cfg_data: ml_collections.ConfigDict) -> str:
 
 
 def make_train_iterator(cfg: ml_collections.ConfigDict):
-    """Returns the checkpointable Grain iterator of host micro-batches the trainer consumes (`data.kind="video"`).
+    """Returns (iterator, BadExampleReport): the checkpointable Grain iterator of host micro-batches the trainer consumes (`data.kind="video"`).
 
     Maps the training config's data section (path, num_frames, videos_per_batch and rows over all hosts,
     seq_len, workers, shuffle_seed, on_bad_video; optional tokenizer and max_fps) onto `data_config`, repeats the data
@@ -358,5 +387,5 @@ def make_train_iterator(cfg: ml_collections.ConfigDict):
                        num_workers=d.workers, on_error=d.on_bad_video, max_fps=d.get("max_fps", 2.0))
     p = make_pipeline(data, cfg.model)
     p.dataset = p.dataset.map(_train_keys)
-    return iter(p)
+    return iter(p), p.report
 

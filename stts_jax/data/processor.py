@@ -169,7 +169,13 @@ def patchify(frames: np.ndarray, patch: int) -> np.ndarray:
 
 
 def preprocess_frames(frames: np.ndarray, size: int, patch: int) -> np.ndarray:
-    """Returns uint8 patches [T, (size/patch)^2, patch*patch*3] of frames resized as Molmo2 does."""
+    """Returns uint8 patches [T, (size/patch)^2, patch*patch*3] of frames resized as Molmo2 does.
+
+    `frames` is uint8 [T, H, W, 3], or a list of [H_t, W_t, 3] frames of differing sizes (a stream that changes
+    resolution mid-way), each resized on its own.
+    """
+    if not isinstance(frames, np.ndarray):
+        return np.concatenate([preprocess_frames(np.asarray(f)[None], size, patch) for f in frames])
     return patchify_uint8(resize_frames(frames, size), patch)
 
 

@@ -65,7 +65,7 @@ class VideoInfo:
 class DecodedClip:
     """Sampled frames of one clip with their source indices and timestamps (seconds)."""
 
-    frames: np.ndarray  # uint8 [T, H, W, 3]
+    frames: np.ndarray | list  # uint8 [T, H, W, 3]; a list of [H_t, W_t, 3] when the stream changes resolution
     indices: np.ndarray  # int64 [T] frame index in the file
     timestamps: np.ndarray  # float64 [T] = index / fps
     info: VideoInfo
@@ -253,7 +253,9 @@ def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.
         known_total = decoded  # resample over the frames that really exist
     if static:
         chosen = static_frame_indices(chosen, num_frames)
-    frames = np.stack([got[int(i)] for i in chosen])
+    frames = [got[int(i)] for i in chosen]
+    if len({f.shape for f in frames}) == 1:
+        frames = np.stack(frames)  # else the stream changed resolution mid-way: the caller resizes frame by frame
     fps = info.fps if info.fps > 0 else (max_fps or 1.0)
     if sampler == "transformers":  # transformers divides an int32 tensor by fps: float32 timestamps
         timestamps = chosen.astype(np.float32) / np.float32(fps)

@@ -78,8 +78,9 @@ def host_slice(batch: dict, rows: int) -> dict:
 class InputSource:
     """Wraps a Grain iterator of micro-batches: next_batches(k) stacks k of them; state is checkpointable."""
 
-    def __init__(self, iterator):
+    def __init__(self, iterator, report=None):
         self.iterator = iterator
+        self.report = report  # the pipeline's BadExampleReport (skipped examples), if it has one
 
     def next_batches(self, count: int) -> dict:
         """Returns `count` micro-batches stacked on a new leading axis."""
@@ -102,4 +103,4 @@ def make_input(cfg: ml_collections.ConfigDict) -> InputSource:
         return InputSource(iter(dataset))
     from stts_jax.data import pipeline  # the video-QA Grain pipeline
 
-    return InputSource(pipeline.make_train_iterator(cfg))
+    return InputSource(*pipeline.make_train_iterator(cfg))

@@ -21,9 +21,12 @@ Other keys are ignored. Multiple-choice questions are rendered for the model by
 
 Each example stores the video's bytes (`embed_videos=True`, the default: shards are self-contained and can be
 copied to a bucket) or only its absolute path, plus the container's frame count / fps / size from a probe.
-Videos that cannot be probed (unreadable, corrupt, no video stream, no frames) are skipped and reported
-(`builder.skipped`) with `on_error="skip"` (default) or stop the build with `on_error="fail"`. Truncated
-files are only found when decoding; the Grain pipeline counts and skips those.
+Refused records are listed in `builder.skipped` with their kind (`on_error="skip"`, the default) or stop the
+build (`on_error="fail"`): videos that cannot be probed (unreadable, corrupt, no video stream, no frames),
+video paths that resolve (symlinks followed) outside the manual dir and the `video_roots` folders
+("outside_dataset"), malformed lines, empty texts, an `answer` that is not the option `answer_index` picks, more
+than 26 options ("bad_annotation"), and a repeated id ("duplicate_id": the first is kept). Truncated files are
+only found when decoding; the Grain pipeline counts and skips those.
 
   python launch/prepare_data.py --manual_dir=/data/my_videos --data_dir=/data/tfds
 """
@@ -53,6 +56,15 @@ def _text(value, field, where):
     return value
 
 
+MAX_OPTIONS = 26  # option letters A-Z
+
+
+def _nonempty(value, field, where):
+    if not _text(value, field, where).strip():
+        raise AnnotationError(f"{where}: field {field!r} is empty")
+    return value
+
+
 def parse_annotation(line: str, where: str, default_id: str) -> dict:
     """Returns the normalised fields of one JSONL line, or raises AnnotationError naming `where` (file:line)."""
     try:
@@ -65,22 +77,28 @@ def parse_annotation(line: str, where: str, default_id: str) -> dict:
         if field not in raw:
             raise AnnotationError(f"{where}: missing required field {field!r}")
     options = raw.get("options") or []
-    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-        raise AnnotationError(f"{where}: 'options' must be a list of strings, got {options!r}")
+    if not isinstance(options, list) or not all(isinstance(o, str) and o.strip() for o in options):
+        raise AnnotationError(f"{where}: 'options' must be a list of non-empty strings, got {options!r}")
+    if len(options) > MAX_OPTIONS:
+        raise AnnotationError(f"{where}: {len(options)} options, at most {MAX_OPTIONS} (one letter each)")
     answer = raw.get("answer")
     if options:
         index = raw.get("answer_index")
         if index is None and answer in options:
             index = options.index(answer)
-        if not isinstance(index, int) or not 0 <= index < len(options):
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(options):
             raise AnnotationError(f"{where}: 'answer_index' must pick one of the {len(options)} options, got {index!r}")
-        answer = options[index] if answer is None else answer
+        if answer is not None and answer != options[index]:
+            raise AnnotationError(f"{where}: 'answer' {answer!r} is not option {index} ({options[index]!r}) that "
+                                  "'answer_index' picks: which one is right?")
+        answer = options[index]
     else:
         index = -1
         if answer is None:
             raise AnnotationError(f"{where}: an open question needs an 'answer' (or give 'options' + 'answer_index')")
-    return dict(id=_text(raw.get("id", default_id), "id", where), video=_text(raw["video"], "video", where),
-                question=_text(raw["question"], "question", where), answer=_text(answer, "answer", where),
+        _nonempty(answer, "answer", where)
+    return dict(id=_nonempty(raw.get("id", default_id), "id", where), video=_nonempty(raw["video"], "video", where),
+                question=_nonempty(raw["question"], "question", where), answer=_text(answer, "answer", where),
                 options=options, answer_index=int(index), kind=_text(raw.get("kind", ""), "kind", where))
 
 
@@ -97,11 +115,15 @@ class VideoQa(tfds.core.GeneratorBasedBuilder):
         """Returns this file (tfds' default probes package resources via importlib_resources, not installed)."""
         return tfds.core.Path(__file__)
 
-    def __init__(self, *, on_error: str = "skip", embed_videos: bool = True, progress: bool = False, **kwargs):
+    def __init__(self, *, on_error: str = "skip", embed_videos: bool = True, progress: bool = False,
+                 video_roots: tuple[str, ...] = (), **kwargs):
+        """`video_roots`: folders besides the manual dir that videos may live in (after following symlinks),
+        e.g. shared storage that `videos/` links to; any other path is refused."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         kwargs.setdefault("file_format", "array_record")
         self.on_error, self.embed_videos, self.progress = on_error, embed_videos, progress
+        self.video_roots = tuple(os.path.realpath(r) for r in video_roots)
         self.skipped: list[dict] = []  # {"split", "id", "video", "kind", "error"} of skipped examples
         super().__init__(**kwargs)
 
@@ -147,11 +169,25 @@ class VideoQa(tfds.core.GeneratorBasedBuilder):
             if not line.strip():
                 continue
             where = f"{jsonl}:{number + 1}"
-            ann = parse_annotation(line, where, default_id=f"{split}-{number}")
+            try:
+                ann = parse_annotation(line, where, default_id=f"{split}-{number}")
+            except AnnotationError as e:
+                self._refuse(split, f"{split}-{number}", "", "bad_annotation", e)
+                continue
             if ann["id"] in seen:
-                raise AnnotationError(f"{where}: duplicate id {ann['id']!r}")
+                self._refuse(split, ann["id"], ann["video"], "duplicate_id",
+                             AnnotationError(f"{where}: duplicate id {ann['id']!r} (the first one is kept)"))
+                continue
             seen.add(ann["id"])
             path = ann["video"] if os.path.isabs(ann["video"]) else os.path.join(root, ann["video"])
+            real = os.path.realpath(path)
+            allowed = (os.path.realpath(root),) + self.video_roots
+            if not any(os.path.commonpath([real, r]) == r for r in allowed):
+                self._refuse(split, ann["id"], path, "outside_dataset", AnnotationError(
+                    f"{where}: video {ann['video']!r} resolves to {real}, outside the dataset folder {root} (pass "
+                    "video_roots / --video_roots to allow another folder)"))
+                continue
+            path = real
             if path not in probes:
                 try:
                     probes[path] = probe_video(path)
@@ -175,3 +211,10 @@ class VideoQa(tfds.core.GeneratorBasedBuilder):
                 fps=probe.fps, width=probe.width, height=probe.height)
         if bar is not None:
             bar.close()
+
+    def _refuse(self, split: str, ident: str, video: str, kind: str, error: Exception) -> None:
+        """Lists a record refused at prepare time (on_error="skip"), or raises `error` (on_error="fail")."""
+        if self.on_error == "fail":
+            raise error
+        self.skipped.append(dict(split=split, id=ident, video=video, kind=kind, error=str(error)))
+        logging.warning("skipping example %s: %s", ident, error)
