@@ -257,6 +257,8 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
         ),
         train=dict(
             steps=6250, grad_accum=1, log_every=10, ckpt_every=500, keep_ckpts=3, seed=0,
+            keep_period=0,  # > 0: checkpoints at multiples of it are never rotated away
+            max_nonfinite=5,  # updates with a non-finite gradient are skipped; this many in a row stop the run
             init_from="",  # a Molmo2 checkpoint directory (scorer initialised fresh), or "" = from scratch
         ),
     ))

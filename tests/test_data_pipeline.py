@@ -282,3 +282,4 @@ def test_trainer_runs_on_the_video_pipeline(dataset, tmp_path):
     records = train(cfg, str(tmp_path / "run"))
     assert [r["step"] for r in records] == [1, 2] and records[-1]["compilations"] == 1
     assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(r["skipped_examples"] == 0 for r in records)  # the pipeline's skip count, logged with every record

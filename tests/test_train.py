@@ -92,6 +92,17 @@ def test_bad_input_is_refused_before_compiling(tmp_path):
     with pytest.raises(IncompatibleCheckpoint, match=r"model\.llm\.mlp_dim: checkpoint 96 vs config 128"):
         train(other, str(tmp_path / "w3"))
     assert time.perf_counter() - t0 < 5  # refused before building or compiling anything
+    # not only shapes: any field that changes what is trained (data source and seed, STTS ratio, optimizer, seed)
+    for field, value in [("data.path", "/elsewhere"), ("data.shuffle_seed", 7), ("model.stts.prune_ratio", 0.3),
+                         ("optim.lr_llm", 0.5), ("train.seed", 3), ("model.tokens.image_patch_id", 110)]:
+        changed = tiny_cfg(steps=4)
+        section, *rest = field.split(".")
+        node = changed[section]
+        for name in rest[:-1]:
+            node = node[name]
+        node[rest[-1]] = value
+        with pytest.raises(IncompatibleCheckpoint, match=rf"{field}: checkpoint .* vs config {value!r}"):
+            train(changed, str(tmp_path / "w3"))
 
 
 def test_fsdp_fill_mesh_and_optimizer_state_sharded_like_params():

@@ -11,11 +11,14 @@ import orbax.checkpoint as ocp
 
 
 class IncompatibleCheckpoint(ValueError):
-    """The workdir holds a checkpoint written by a config with different shapes; the message names the fields."""
+    """The workdir holds a checkpoint written by a different config; the message names the fields."""
 
 
-SHAPE_FIELDS = ("model.vit", "model.adapter", "model.llm", "model.stts.method", "data.num_frames",
-                "data.videos_per_batch", "data.rows", "data.seq_len", "train.grad_accum")
+# What a resumed run may change: how long it runs (the LR schedule follows the new train.steps), how it logs and
+# keeps checkpoints, the mesh (Orbax reshards on restore), the input workers. Every other field (model, STTS,
+# data source and seed, optimizer, seeds) decides what the run computes, so a resume must match it.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.keep_period",
+                     "train.max_nonfinite", "train.init_from", "mesh.", "data.workers")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -35,22 +38,28 @@ def config_json(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def check_compatible(saved: dict, cfg: ml_collections.ConfigDict) -> None:
-    """Raises IncompatibleCheckpoint naming every shape-deciding field that differs from the saved config."""
+    """Raises IncompatibleCheckpoint naming every field outside RESUME_MAY_CHANGE that differs from the saved
+    config (shapes, STTS, data, optimizer, seeds: resuming with them changed would silently train something else)."""
     old, new = _flatten(saved), _flatten(config_json(cfg))
     differ = sorted(k for k in set(old) | set(new)
-                    if k.startswith(SHAPE_FIELDS) and old.get(k) != new.get(k))
+                    if not k.startswith(RESUME_MAY_CHANGE) and old.get(k) != new.get(k))
     if differ:
         details = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}" for k in differ[:8])
-        raise IncompatibleCheckpoint(f"the workdir's checkpoint was written by an incompatible config ({details}); "
-                                     f"use a new --workdir or the original config")
+        more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise IncompatibleCheckpoint(f"the workdir's checkpoint was written by a different config ({details}{more}); "
+                                     f"use a new --workdir or the original config (a resume may change only "
+                                     f"{', '.join(RESUME_MAY_CHANGE)})")
 
 
 class Checkpointer:
-    """Saves {state, data, config} every `every` steps (async) and on demand; restores the latest."""
+    """Saves {state, data, config} every `every` steps (async) and on demand; restores the latest.
 
-    def __init__(self, directory: str, every: int, keep: int):
+    Keeps the newest `keep`, and with `keep_period` > 0 also every checkpoint whose step is a multiple of it.
+    """
+
+    def __init__(self, directory: str, every: int, keep: int, keep_period: int = 0):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                               enable_async_checkpointing=True)
+                                               keep_period=keep_period or None, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def latest_step(self) -> int | None:
@@ -61,8 +70,14 @@ class Checkpointer:
         """Returns the config stored with checkpoint `step`."""
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a periodic checkpoint step not saved yet."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state, data_state: dict, cfg: ml_collections.ConfigDict, force: bool = False) -> bool:
-        """Saves if `step` is due (or force); returns whether a save started."""
+        """Saves if `step` is due (or force) and not saved already; returns whether a save started."""
+        if self.manager.latest_step() == step:  # e.g. SIGTERM on a periodic step: that save is the one
+            return False
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config_json(cfg))), force=force)

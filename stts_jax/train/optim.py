@@ -28,8 +28,13 @@ def schedule(peak: float, optim: ml_collections.ConfigDict, total_steps: int) ->
         end_value=peak * optim.final_lr_fraction)
 
 
+# optax.apply_if_finite applies a non-finite update after this many in a row; the trainer stops long before
+NEVER_APPLY_NONFINITE = 2**31 - 1
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
-    """Returns clip -> per-group AdamW (frozen groups get zero updates)."""
+    """Returns clip -> per-group AdamW (frozen groups get zero updates), skipping any update whose gradient is not
+    finite (parameters and AdamW moments unchanged; the state counts the streak and the total)."""
     transforms = {}
     for group in GROUPS:
         if group in tuple(optim.freeze):
@@ -37,8 +42,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, params: n
         else:
             transforms[group] = optax.adamw(schedule(optim[f"lr_{group}"], optim, total_steps), b1=optim.b1,
                                             b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                       optax.multi_transform(transforms, group_labels(params)))
+    return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                                             optax.multi_transform(transforms, group_labels(params))),
+                                 max_consecutive_errors=NEVER_APPLY_NONFINITE)
 
 
 def learning_rates(optim: ml_collections.ConfigDict, total_steps: int, step: int) -> dict[str, float]:

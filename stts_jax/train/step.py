@@ -53,6 +53,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if hasattr(opt_state, "notfinite_count"):  # optax.apply_if_finite: skipped updates, in a row and in all
+            metrics["nonfinite_streak"] = opt_state.notfinite_count
+            metrics["skipped_updates"] = opt_state.total_notfinite
         return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
     kwargs = {}

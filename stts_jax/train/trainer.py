@@ -8,7 +8,9 @@ newest checkpoint in `workdir/checkpoints` (after checking the saved config is c
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import time
 
 import jax
@@ -43,6 +45,8 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
     _require(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
     _require(tr.log_every >= 1 and tr.ckpt_every >= 1 and tr.keep_ckpts >= 1, "train.log_every",
              "log_every, ckpt_every and keep_ckpts must be >= 1")
+    _require(tr.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {tr.max_nonfinite}")
+    _require(tr.keep_period >= 0, "train.keep_period", f"must be >= 0 (0: off), got {tr.keep_period}")
     for group in tuple(optim.freeze):
         _require(group in GROUPS, "optim.freeze", f"unknown group {group!r}; groups are {GROUPS}")
     _require(data.kind in inputs.KINDS, "data.kind", f"must be one of {inputs.KINDS}, got {data.kind!r}")
@@ -105,6 +109,61 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, own: Molmo2VLM | None = No
     return sharding.init_sharded(lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), mesh)
 
 
+class NonFiniteUpdates(RuntimeError):
+    """`train.max_nonfinite` updates in a row had a non-finite gradient (all skipped: parameters stay finite)."""
+
+
+class _Prefetch:
+    """Fetches each step's micro-batches on a thread, one step ahead.
+
+    The loop waits for input with a timeout, so a SIGTERM is honoured while the input stalls (a hung decoder, a
+    stalled bucket), and the host prepares step n+1 while step n runs. `state` is the input's checkpointable
+    state after the batches handed out so far (not after the one fetched ahead).
+    """
+
+    POLL_S = 0.5
+
+    def __init__(self, source: inputs.InputSource, count: int):
+        self.report = source.report
+        self.state = source.get_state()
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, args=(source, count), daemon=True, name="stts-input").start()
+
+    def _put(self, item) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=self.POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self, source: inputs.InputSource, count: int) -> None:
+        try:
+            while not self._closed.is_set():
+                batches = source.next_batches(count)
+                self._put((batches, source.get_state()))
+        except BaseException as e:  # handed to the loop, raised there
+            self._put((e, None))
+
+    def next(self, give_up) -> dict | None:
+        """Returns the next step's batches, or None once `give_up()` is true while waiting for them."""
+        while True:
+            try:
+                batches, state = self._queue.get(timeout=self.POLL_S)
+            except queue.Empty:
+                if give_up():
+                    return None
+                continue
+            if isinstance(batches, BaseException):
+                raise batches
+            self.state = state
+            return batches
+
+    def close(self) -> None:
+        self._closed.set()
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop polls (checkpoint, then exit)."""
 
@@ -133,7 +192,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     validate_train_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.ckpt_every,
-                                         cfg.train.keep_ckpts)
+                                         cfg.train.keep_ckpts, cfg.train.keep_period)
     latest = checkpointer.latest_step()
     if latest is not None:
         ckpt_lib.check_compatible(checkpointer.saved_config(latest), cfg)
@@ -168,33 +227,74 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         writer = MetricWriter(workdir, cfg.train.steps, tokens_per_step=tokens_per_step)
         records: list[dict] = []
         # ---- loop
-        with _Preemption() as preemption:
-            last = time.perf_counter()
-            for step in range(start, cfg.train.steps):
-                batch = sharding.to_global(source.next_batches(cfg.train.grad_accum), mesh, batch_axis=1)
-                if step == start:
-                    writer.step_flops = step_flops(step_fn, state, batch)
-                state, metrics = step_fn(state, batch)
-                done = step + 1
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    metrics = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    elapsed = (now - last) / (cfg.train.log_every if done > start + 1 else 1)
-                    last = now
-                    metrics["kept_fraction"] = kept / (w * layout.num_frames)
-                    records.append(writer.write(done, metrics, elapsed, done - start))
-                checkpointer.save(done, state, source.get_state(), cfg)
-                if preemption.requested or (stop_after is not None and done - start >= stop_after):
-                    if preemption.requested:
-                        logging.warning("SIGTERM: checkpointing step %d and exiting", done)
-                    checkpointer.save(done, state, source.get_state(), cfg, force=True)
-                    break
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+        fetch = _Prefetch(source, cfg.train.grad_accum)
+        try:
+            with _Preemption() as preemption:
+                records += _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh,
+                                 stop_after, kept / (w * layout.num_frames))
+        finally:
+            fetch.close()
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
     records_compiles = step_fn._cache_size()
     for r in records:
         r["compilations"] = records_compiles
+    return records
+
+
+def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
+          kept_fraction) -> list[dict]:
+    """Steps from `start` until the last step, SIGTERM or `stop_after`; returns the logged records.
+
+    Saves every `ckpt_every` steps and always the step it stops at (the last one included); a SIGTERM while
+    waiting for input saves the last completed step. Updates with a non-finite gradient are skipped by the
+    optimizer; `max_nonfinite` of them in a row raise NonFiniteUpdates (checked whenever metrics are read: at log
+    and checkpoint steps), so no checkpoint ever holds what they would have written.
+    """
+    records = []
+    last = time.perf_counter()
+    done, skipped = start, 0
+    while done < cfg.train.steps:
+        batches = fetch.next(give_up=lambda: preemption.requested)
+        if batches is None:  # SIGTERM while the input stalled: keep the last completed step
+            logging.warning("SIGTERM while waiting for input: checkpointing step %d and exiting", done)
+            checkpointer.save(done, state, fetch.state, cfg, force=True)
+            break
+        batch = sharding.to_global(batches, mesh, batch_axis=1)
+        if done == start:
+            writer.step_flops = step_flops(step_fn, state, batch)
+        state, metrics = step_fn(state, batch)
+        done += 1
+        stopping = (preemption.requested or done == cfg.train.steps
+                    or (stop_after is not None and done - start >= stop_after))
+        log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+        save_now = stopping or checkpointer.due(done)
+        if log_now or save_now:
+            metrics = jax.device_get(metrics)
+            streak = int(metrics.get("nonfinite_streak", 0))
+            if streak >= cfg.train.max_nonfinite:
+                raise NonFiniteUpdates(
+                    f"stopping at step {done}: {streak} updates in a row had a non-finite gradient (loss "
+                    f"{float(metrics['loss'])}); they were skipped, so parameters and checkpoints stay finite "
+                    f"(latest checkpoint: step {checkpointer.latest_step()}). Look for bad input or lower the "
+                    "learning rate; train.max_nonfinite sets the limit")
+        if log_now:
+            if fetch.report is not None:  # bad examples skipped so far (counted ahead of the step by the prefetch)
+                if fetch.report.total > skipped:
+                    logging.warning("input: %s", fetch.report.summary())
+                skipped = metrics["skipped_examples"] = fetch.report.total
+            now = time.perf_counter()
+            elapsed = (now - last) / (cfg.train.log_every if done > start + 1 else 1)
+            last = now
+            metrics["kept_fraction"] = kept_fraction
+            records.append(writer.write(done, metrics, elapsed, done - start))
+        if save_now:
+            if preemption.requested:
+                logging.warning("SIGTERM: checkpointing step %d and exiting", done)
+            checkpointer.save(done, state, fetch.state, cfg, force=stopping)
+        if stopping:
+            break
     return records
 
 
