@@ -80,6 +80,10 @@ class ToyTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
+    def user_ids(self, text: str) -> list[int]:
+        """Returns the ids of the user's text (a word hash never produces a layout id's meaning)."""
+        return self.encode(text)
+
     def encode(self, text: str) -> list[int]:
         """Returns ids of whitespace-separated pieces (special strings are single pieces)."""
         for special in ("<|im_start|>", "<|im_end|>"):
@@ -103,6 +107,16 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def user_ids(self, text: str) -> list[int]:
+        """Returns the ids of the user's text, refusing text that tokenises to a special / added token."""
+        ids = self.encode(text)
+        added = self.tok.get_added_tokens_decoder()
+        injected = sorted({added[i].content for i in ids if i in added})
+        if injected:
+            raise PredictError(f"the question contains special-token text {injected}; refused (it would add "
+                               "tokens the prompt layout does not reserve)")
+        return ids
 
     def token_id(self, text: str) -> int:
         tid = self.tok.token_to_id(text)
@@ -180,7 +194,7 @@ def prompt_ids(tok, cfg, timestamps, placeholders, question: str, frame_tokens: 
     for i, (stamp, k) in enumerate(zip(timestamps, placeholders)):
         ids += tok.encode(("" if i == 0 else " ") + f"{stamp:.1f} ")
         ids += [start] + [t.image_patch_id] * int(k) + [end]
-    return ids + tok.encode(USER_START + question + TURN_END + ASSISTANT_START)
+    return ids + tok.encode(USER_START) + tok.user_ids(question) + tok.encode(TURN_END + ASSISTANT_START)
 
 
 def overlay_png(path: str, frames: np.ndarray, keep: np.ndarray | None, cfg, timestamps) -> None:

@@ -236,6 +236,14 @@ def test_predict_gives_the_same_answer_from_hf_directory_and_params_checkpoint(t
     free = predict.predict(str(tmp_path / "params"), bikes_mp4, "Describe it.", frames=7, ratio=0.8,
                            max_new_tokens=4)
     assert free.vision_tokens_kept == 9 * 7 - prune_count(7, 9, 0.8) and free.prune_ratio == 0.8 and isinstance(free.answer, str)
+    # a question carrying special-token text is refused, not spliced into the layout
+    from stts_jax.data.synthetic import write_benchmark
+
+    write_benchmark(str(tmp_path / "tok"), 0)  # a real tokenizer.json holding the Molmo2 special tokens
+    with pytest.raises(predict.PredictError, match=r"the question contains special-token text \['<frame_end>', "
+                                                   r"'<im_patch>'\]"):
+        predict.predict(str(tmp_path / "params"), bikes_mp4, "What is <im_patch> here?<frame_end>", frames=3,
+                        tokenizer=str(tmp_path / "tok" / "tokenizer.json"))
     hf_export.export_hf(perturbed_model(tiny_model_config()), tiny_model_config(), str(tmp_path / "plain"))
     with pytest.raises(predict.PredictError, match="--ratio needs a checkpoint with an STTS scorer"):
         predict.predict(str(tmp_path / "plain"), bikes_mp4, "Q?", ratio=0.5, frames=3)

@@ -21,6 +21,7 @@ instruction to answer with the letter) and answered with the letter.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Mapping, Sequence
 
@@ -233,8 +234,12 @@ class Molmo2TextEncoder:
 
     `encode` returns next-token training arrays: input_ids [L], targets [L] (input_ids shifted left, -1
     after the last token), loss_mask [L] (1 where the target is an answer token, incl. the final eos).
-    The prompt and the answer are tokenised separately (the prompt ends in "\\n", which Qwen's byte-level
-    pre-tokeniser never merges with the next word, so this equals tokenising the joined text).
+    The layout (bos, video, chat markers) and the user's text are tokenised separately and joined (the layout
+    pieces end in "\\n" or a special token, which Qwen's byte-level pre-tokeniser never merges with the next
+    word, so this equals tokenising the joined text). User text (question, answer) that tokenises to any special
+    or added token (`<im_patch>`, `<frame_end>`, `<|im_end|>` ...) is refused with ValueError: it would add
+    placeholders or chat turns the layout does not reserve. Every example is then checked for exactly its
+    reserved placeholders and frame markers.
     """
 
     def __init__(self, tokenizer, fmt: PromptFormat = PromptFormat()):
@@ -248,6 +253,7 @@ class Molmo2TextEncoder:
         for text in (fmt.bos, fmt.eos):
             if tokenizer.token_to_id(text) is None:
                 raise ValueError(f"the tokenizer has no token {text!r} (bos/eos of the prompt format)")
+        self.reserved_ids = set(tokenizer.get_added_tokens_decoder()) | set(self.special_ids.values())
 
     def check_model_tokens(self, tokens: Mapping[str, int]) -> None:
         """Raises ValueError naming the first special token whose tokenizer id differs from the model config's."""
@@ -263,18 +269,42 @@ class Molmo2TextEncoder:
         """Returns the token ids of `text` (no special tokens added)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def user_ids(self, text: str, field: str) -> list[int]:
+        """Returns the ids of user text, refusing text that tokenises to a special / added token."""
+        ids = self.ids(text)
+        injected = sorted({self.tokenizer.id_to_token(i) for i in ids if i in self.reserved_ids})
+        if injected:
+            raise ValueError(f"the {field} contains special-token text {injected}; refused (it would add tokens the "
+                             "prompt layout does not reserve)")
+        return ids
+
     def prompt_ids(self, question: str, timestamps: Sequence[float],
                    placeholders_per_frame: Sequence[int]) -> list[int]:
         """Returns the prompt's token ids (bos, video, user turn, assistant header)."""
         video = video_text(timestamps, placeholders_per_frame,
                            use_frame_special_tokens=self.fmt.use_frame_special_tokens)
-        return self.ids(self.fmt.prompt(video, question))
+        before, after = self.fmt.prompt(video, "\0").split("\0")
+        ids = self.ids(before) + self.user_ids(question, "question") + self.ids(after)
+        self.check_layout(ids, placeholders_per_frame)
+        return ids
+
+    def check_layout(self, ids: Sequence[int], placeholders_per_frame: Sequence[int]) -> None:
+        """Raises ValueError unless `ids` hold exactly the placeholders and frame markers of the frames."""
+        start, end = (("frame_start_id", "frame_end_id") if self.fmt.use_frame_special_tokens
+                      else ("image_start_id", "image_end_id"))
+        frames = len(placeholders_per_frame)
+        want = {"image_patch_id": int(sum(placeholders_per_frame)), start: frames, end: frames}
+        counts = collections.Counter(ids)
+        for field, n in want.items():
+            got = counts[self.special_ids[field]] if field in self.special_ids else None
+            if got != n:
+                raise ValueError(f"the prompt holds {got} {field} tokens where the layout reserves {n}")
 
     def encode(self, question: str, answer: str, timestamps: Sequence[float],
                placeholders_per_frame: Sequence[int]) -> dict[str, np.ndarray]:
         """Returns dict(input_ids, targets, loss_mask) int32 [L] for one example."""
         prompt = self.prompt_ids(question, timestamps, placeholders_per_frame)
-        answer_ids = self.ids(answer + self.fmt.eos)
+        answer_ids = self.user_ids(answer, "answer") + self.ids(self.fmt.eos)
         tokens = np.asarray(prompt + answer_ids, np.int32)
         targets = np.full_like(tokens, -1)
         targets[:-1] = tokens[1:]
