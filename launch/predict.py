@@ -238,7 +238,7 @@ def predict(checkpoint: str, video: str, question: str, choices=None, *, frames:
     """Returns the Prediction for one video and question (see the module docstring)."""
     from stts_jax import geometry
     from stts_jax.data.processor import patchify, resize_frames
-    from stts_jax.data.video import decode_frames, uniform_frame_indices
+    from stts_jax.data.video import VideoDecodeError, decode_uniform
     from stts_jax.model.generate import Generator, pad_prompts
 
     if overlay:
@@ -261,12 +261,14 @@ def predict(checkpoint: str, video: str, question: str, choices=None, *, frames:
     use_ratio = cfg.stts.prune_ratio if pruned else 0.0
     tok, tok_name = load_tokenizer(checkpoint, tokenizer, cfg.llm.vocab_size)
 
-    decoded, fps = decode_frames(video)
-    picked = uniform_frame_indices(len(decoded), frames)
-    stamps = picked / (fps if fps > 0 else 1.0)
-    resized = resize_frames(decoded[picked], cfg.vit.image_size)
+    try:  # only the sampled frames are decoded and held (a long video would not fit in memory whole)
+        clip = decode_uniform(video, frames)
+    except VideoDecodeError as e:
+        raise PredictError(f"--video: {e}") from None
+    picked, stamps = clip.indices, clip.timestamps
+    # frame by frame: a stream may change resolution mid-way
+    resized = np.concatenate([resize_frames(np.asarray(f)[None], cfg.vit.image_size) for f in clip.frames])
     patches = patchify(resized, cfg.vit.patch_size)
-    del decoded
     w = geometry.tokens_per_frame(cfg)
     t = len(picked)
     placeholders = geometry.placeholders_per_frame(cfg, t)  # W each, or W*T - K in all with STTS

@@ -310,3 +310,40 @@ def test_special_token_text_in_questions_or_answers_is_refused(tokenizer, tmp_pa
         for row, videos in zip(batch["input_ids"], batch["row_videos"]):
             assert (row == ids["image_patch_id"]).sum() == videos * per_video
             assert (row == ids["frame_start_id"]).sum() == (row == ids["frame_end_id"]).sum() == videos * SPEC_FRAMES
+
+
+def test_decode_limits_refuse_bombs_before_decoding_and_accept_4k(tmp_path, bikes_mp4):
+    """A small H.264 file at 4096x4096 (a decompression bomb: ~50 MB of pixels per frame) is refused by the probe
+    and by every decoder before any frame is converted; 4K (3840x2160) passes; frame-count and duration limits are
+    configurable. Inference decodes only the frames it samples, the same frames as decoding everything."""
+    from stts_jax.data.video import DecodeLimits, decode_frames, decode_uniform, uniform_frame_indices
+
+    bomb = write_mp4(str(tmp_path / "bomb.mp4"), np.zeros((2, 4096, 4096, 3), np.uint8), fps=8, codec="libx264")
+    assert os.path.getsize(bomb) < 100_000
+    for decode in (probe_video, lambda p: decode_clip(p, 2), lambda p: decode_uniform(p, 2), decode_frames):
+        with pytest.raises(VideoDecodeError, match=r"bomb\.mp4: frames of 4096x4096 = 16\.8 megapixels, over the "
+                                                   r"limit of 9\.0") as info:
+            decode(bomb)
+        assert info.value.kind == "too_large"
+    uhd = write_mp4(str(tmp_path / "uhd.mp4"), np.full((1, 2160, 3840, 3), 90, np.uint8), fps=8, codec="libx264")
+    assert probe_video(uhd).width == 3840 and decode_clip(uhd, 1).frames.shape == (1, 2160, 3840, 3)
+    clip = _good_mp4(tmp_path / "clip.mp4", frames=24)  # 3 s at 8 fps
+    with pytest.raises(VideoDecodeError, match=r"24 frames, over the limit of 10"):
+        decode_clip(clip, 4, limits=DecodeLimits(max_frames=10))
+    with pytest.raises(VideoDecodeError, match=r"3 s long, over the limit of 2 s"):
+        probe_video(clip, limits=DecodeLimits(max_duration_s=2.0))
+    # the pipeline counts a bomb as a skip and goes on
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    write_benchmark(str(tokenizer_dir), 0)
+    pipeline = _pipeline(_records([clip, bomb, clip]), str(tokenizer_dir / "tokenizer.json"))
+    it = iter(pipeline)
+    seen = [r for batch in it for r in batch["record"][batch["record"] >= 0].tolist()]
+    it.close()
+    assert sorted(seen) == [0, 2] and dict(pipeline.report.counts) == {"too_large": 1}
+    # sampling without decoding everything: the same frames as decoding all of them and picking
+    everything, fps = decode_frames(bikes_mp4)
+    sampled = decode_uniform(bikes_mp4, 6)
+    picked = uniform_frame_indices(len(everything), 6)
+    assert np.array_equal(sampled.indices, picked) and np.array_equal(sampled.frames, everything[picked])
+    np.testing.assert_allclose(sampled.timestamps, picked / fps)

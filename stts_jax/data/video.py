@@ -17,7 +17,13 @@ Both return at most `num_frames` indices. The training pipeline needs a static f
 Every problem with a file raises `VideoDecodeError` whose message starts with the file's name and whose
 `kind` says what went wrong: unreadable (missing, a directory, no permission), corrupt (not a video
 container), no_video_stream (e.g. audio-only), no_frames (a video stream with nothing decodable),
-truncated (fewer frames decode than the container declares).
+truncated (fewer frames decode than the container declares), too_large (over the decode limits).
+
+Decode limits (`DecodeLimits`, the defaults of every decoding function, so prepare, the pipeline, eval and
+predict all get them): the declared frame size, frame count and duration are checked before anything is
+decoded, and each decoded frame's size again before it is converted (a stream may change resolution). The
+defaults accept 4K (3840x2160, 4096x2160) and refuse a decompression bomb (a 50 KiB H.264 file at 4096x4096
+decodes to ~1 GiB of frames).
 """
 
 from __future__ import annotations
@@ -30,7 +36,19 @@ from typing import Union
 import numpy as np
 
 SAMPLERS = ("uniform_last_frame", "transformers")
-ERROR_KINDS = ("unreadable", "corrupt", "no_video_stream", "no_frames", "truncated")
+ERROR_KINDS = ("unreadable", "corrupt", "no_video_stream", "no_frames", "truncated", "too_large")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    """What a video may hold; larger ones are refused (VideoDecodeError kind "too_large") before decoding."""
+
+    max_pixels: int = 9_000_000  # per frame: 4096x2160 (8.8 MP) passes, 4096x4096 (16.8 MP) does not
+    max_frames: int = 1_080_000  # 10 hours at 30 fps
+    max_duration_s: float = 36_000.0  # 10 hours
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 VideoSource = Union[str, os.PathLike, bytes]
 
@@ -135,14 +153,30 @@ def _stream_info(container, stream, name: str) -> VideoInfo:
         raise VideoDecodeError(name, "corrupt", f"cannot read the video stream ({e})") from None
 
 
-def probe_video(src: VideoSource, name: str | None = None) -> VideoInfo:
-    """Returns the VideoInfo of a file / bytes without decoding frames; raises VideoDecodeError."""
+def check_limits(info: VideoInfo, name: str, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Raises VideoDecodeError ("too_large") when the declared frame size, frame count or duration is over `limits`."""
+    if info.width * info.height > limits.max_pixels:
+        raise VideoDecodeError(name, "too_large", f"frames of {info.width}x{info.height} = "
+                               f"{info.width * info.height / 1e6:.1f} megapixels, over the limit of "
+                               f"{limits.max_pixels / 1e6:.1f} (DecodeLimits.max_pixels)")
+    if info.num_frames > limits.max_frames:
+        raise VideoDecodeError(name, "too_large", f"{info.num_frames} frames, over the limit of {limits.max_frames} "
+                               "(DecodeLimits.max_frames)")
+    if info.fps > 0 and info.duration > limits.max_duration_s:
+        raise VideoDecodeError(name, "too_large", f"{info.duration:.0f} s long, over the limit of "
+                               f"{limits.max_duration_s:.0f} s (DecodeLimits.max_duration_s)")
+
+
+def probe_video(src: VideoSource, name: str | None = None, limits: DecodeLimits = DEFAULT_LIMITS) -> VideoInfo:
+    """Returns the VideoInfo of a file / bytes without decoding frames; raises VideoDecodeError (also over
+    `limits`)."""
     name = _name(src, name)
     container = _open(src, name)
     with container:
         info = _stream_info(container, _video_stream(container, name), name)
     if info.num_frames == 0:
         raise VideoDecodeError(name, "no_frames", "the video stream holds no frames")
+    check_limits(info, name, limits)
     return info
 
 
@@ -196,8 +230,10 @@ def uniform_frame_indices(total: int, num_frames: int) -> np.ndarray:
     return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
 
 
-def _decode_at(container, stream, wanted: np.ndarray, threads: int) -> tuple[dict[int, np.ndarray], int, str | None]:
-    """Decodes frames in order; returns ({index: rgb frame} for wanted indices, frames decoded, error text)."""
+def _decode_at(container, stream, wanted: np.ndarray, threads: int, name: str = "",
+               limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[dict[int, np.ndarray], int, str | None]:
+    """Decodes frames in order; returns ({index: rgb frame} for wanted indices, frames decoded, error text).
+    A wanted frame over `limits.max_pixels` raises VideoDecodeError before it is converted."""
     import av
 
     if threads != 1:
@@ -210,24 +246,27 @@ def _decode_at(container, stream, wanted: np.ndarray, threads: int) -> tuple[dic
     try:
         for frame in container.decode(stream):
             if count in wanted_set:
+                if frame.width * frame.height > limits.max_pixels:
+                    raise VideoDecodeError(name, "too_large", f"frame {count} is {frame.width}x{frame.height}, "
+                                           f"over the limit of {limits.max_pixels / 1e6:.1f} megapixels")
                 got[count] = frame.to_ndarray(format="rgb24")
             count += 1
             if count > last:
                 break
+    except VideoDecodeError:
+        raise
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         error = str(e)
     return got, count, error
 
 
-def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.0,
-                sampler: str = "uniform_last_frame", static: bool = True, name: str | None = None,
-                threads: int = 1) -> DecodedClip:
-    """Returns the frames Molmo2 samples from a video file / bytes (exactly num_frames if `static`).
+def _decode_chosen(src: VideoSource, choose, name: str, threads: int,
+                   limits: DecodeLimits) -> tuple[dict[int, np.ndarray], np.ndarray, VideoInfo]:
+    """Decodes the frames `choose(total, fps)` picks; returns ({index: frame}, chosen indices, info).
 
-    Only the sampled frames are converted to RGB; decoding stops after the last one. Raises
-    VideoDecodeError (see module docstring) naming the file.
+    Only the chosen frames are converted to RGB and decoding stops after the last one. A container that declares
+    a frame or two more than decode is sampled again over the frames that exist.
     """
-    name = _name(src, name)
     known_total = None  # set when a first pass found slightly fewer decodable frames than declared
     while True:
         container = _open(src, name)
@@ -238,11 +277,12 @@ def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.
                 info = dataclasses.replace(info, num_frames=known_total)
             if info.num_frames == 0:
                 raise VideoDecodeError(name, "no_frames", "the video stream holds no frames")
-            chosen = sample_frame_indices(info.num_frames, info.fps, num_frames, max_fps, sampler)
+            check_limits(info, name, limits)
+            chosen = choose(info.num_frames, info.fps)
             wanted = np.unique(chosen)
-            got, decoded, error = _decode_at(container, stream, wanted, threads)
+            got, decoded, error = _decode_at(container, stream, wanted, threads, name, limits)
         if len(got) == len(wanted):
-            break
+            return got, chosen, info
         if decoded == 0:
             detail = f"the video stream declares {info.num_frames} frames but none decodes"
             raise VideoDecodeError(name, "no_frames", detail + (f" ({error})" if error else ""))
@@ -251,21 +291,51 @@ def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.
             detail = f"truncated: the container declares {info.num_frames} frames but only {decoded} decode"
             raise VideoDecodeError(name, "truncated", detail + (f" ({error})" if error else ""))
         known_total = decoded  # resample over the frames that really exist
-    if static:
-        chosen = static_frame_indices(chosen, num_frames)
+
+
+def _frames(got: dict[int, np.ndarray], chosen: np.ndarray) -> np.ndarray | list:
     frames = [got[int(i)] for i in chosen]
     if len({f.shape for f in frames}) == 1:
-        frames = np.stack(frames)  # else the stream changed resolution mid-way: the caller resizes frame by frame
+        return np.stack(frames)
+    return frames  # the stream changed resolution mid-way: the caller resizes frame by frame
+
+
+def decode_clip(src: VideoSource, num_frames: int, *, max_fps: float | None = 2.0,
+                sampler: str = "uniform_last_frame", static: bool = True, name: str | None = None,
+                threads: int = 1, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedClip:
+    """Returns the frames Molmo2 samples from a video file / bytes (exactly num_frames if `static`).
+
+    Only the sampled frames are converted to RGB; decoding stops after the last one. Raises
+    VideoDecodeError (see module docstring) naming the file.
+    """
+    name = _name(src, name)
+    got, chosen, info = _decode_chosen(
+        src, lambda total, fps: sample_frame_indices(total, fps, num_frames, max_fps, sampler), name, threads, limits)
+    if static:
+        chosen = static_frame_indices(chosen, num_frames)
     fps = info.fps if info.fps > 0 else (max_fps or 1.0)
     if sampler == "transformers":  # transformers divides an int32 tensor by fps: float32 timestamps
         timestamps = chosen.astype(np.float32) / np.float32(fps)
     else:
         timestamps = chosen / fps
-    return DecodedClip(frames=frames, indices=chosen, timestamps=timestamps, info=info)
+    return DecodedClip(frames=_frames(got, chosen), indices=chosen, timestamps=timestamps, info=info)
 
 
-def decode_frames(path: VideoSource, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """Returns (frames uint8 [T, H, W, 3], fps) of every decoded frame (or the first `max_frames`)."""
+def decode_uniform(src: VideoSource, num_frames: int, *, name: str | None = None, threads: int = 1,
+                   limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedClip:
+    """Returns `num_frames` frames spread evenly over the whole video (`uniform_frame_indices`, first and last
+    included), decoding only up to the last of them: what inference on a long video needs, in the memory of the
+    sampled frames, not of the video. Timestamps are index / fps (index when fps is unknown)."""
+    name = _name(src, name)
+    got, chosen, info = _decode_chosen(src, lambda total, fps: uniform_frame_indices(total, num_frames), name,
+                                       threads, limits)
+    return DecodedClip(frames=_frames(got, chosen), indices=chosen, timestamps=chosen / (info.fps or 1.0), info=info)
+
+
+def decode_frames(path: VideoSource, max_frames: int | None = None,
+                  limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, float]:
+    """Returns (frames uint8 [T, H, W, 3], fps) of every decoded frame (or the first `max_frames`); for short
+    clips only (every frame is held in memory: `decode_uniform` samples a long video)."""
     import av
 
     name = _name(path, None)
@@ -274,11 +344,17 @@ def decode_frames(path: VideoSource, max_frames: int | None = None) -> tuple[np.
     with container:
         stream = _video_stream(container, name)
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        check_limits(_stream_info(container, stream, name), name, limits)
         try:
             for frame in container.decode(stream):
+                if frame.width * frame.height > limits.max_pixels:
+                    raise VideoDecodeError(name, "too_large", f"frame {len(frames)} is {frame.width}x{frame.height}, "
+                                           f"over the limit of {limits.max_pixels / 1e6:.1f} megapixels")
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
+        except VideoDecodeError:
+            raise
         except (av.error.FFmpegError, ValueError, IndexError) as e:
             if not frames:
                 raise VideoDecodeError(name, "no_frames", f"no frame decodes ({e})") from None
