@@ -48,10 +48,11 @@ def test_estimated_per_device_bytes_equal_the_sharded_arrays(axes):
     specs = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]
     assert specs(abstract["params"]) == specs(real["params"])
     assert specs(abstract["opt_state"]) == specs(real["opt_state"])
-    # AdamW's mu and nu sharded like their parameters -> 2x the parameter bytes + step counts
+    # AdamW's mu and nu sharded like their parameters -> 2x the parameter bytes + step counts (2 int32 per group,
+    # 4 groups) + optax.apply_if_finite's two int32 counters and one bool
     params_held = estimate.per_device_bytes(abstract["params"])
     for device, opt_held in estimate.per_device_bytes(abstract["opt_state"]).items():
-        assert 0 <= opt_held - 2 * params_held[device] <= 4 * 4 * 2, (device, opt_held, params_held[device])
+        assert 0 <= opt_held - 2 * params_held[device] <= 4 * 4 * 2 + 9, (device, opt_held, params_held[device])
 
 
 def test_abstract_batch_matches_the_trainers_global_batch():
