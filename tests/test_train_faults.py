@@ -35,9 +35,10 @@ class FaultySource(inputs.InputSource):
     """The config's real input; the batches of the steps in `nan_steps` (1-based) get NaN pixels, and asking for
     step `stall_at`'s batches sends this process a SIGTERM and blocks forever (a hung decoder)."""
 
-    def __init__(self, source, nan_steps=(), stall_at=None):
+    def __init__(self, source, nan_steps=(), stall_at=None, extra_placeholder_at=None, patch_id=None):
         super().__init__(source.iterator)
         self.nan_steps, self.stall_at, self.fetched = set(nan_steps), stall_at, 0
+        self.extra_placeholder_at, self.patch_id = extra_placeholder_at, patch_id
 
     def next_batches(self, count):
         self.fetched += 1
@@ -47,6 +48,9 @@ class FaultySource(inputs.InputSource):
         batches = super().next_batches(count)
         if self.fetched in self.nan_steps:
             batches["pixel_values"] = np.full_like(batches["pixel_values"], np.nan)
+        if self.fetched == self.extra_placeholder_at:  # e.g. question text that tokenised to one more <im_patch>
+            row = batches["input_ids"][0, 1]
+            row[np.flatnonzero((row != self.patch_id) & (row > 0))[0]] = self.patch_id
         return batches
 
 
@@ -104,3 +108,13 @@ def test_sigterm_while_the_input_stalls_saves_the_last_step_and_resume_saves_the
     records = trainer.train(tiny_cfg(ckpt_every=3), workdir)
     assert [r["step"] for r in records] == list(range(4, 11))
     assert saved(workdir)[0] == [9, 10]
+
+
+def test_a_batch_whose_placeholders_disagree_with_its_frames_is_refused(tmp_path, monkeypatch):
+    """One extra placeholder in row 1 (never clamped, never shifted into other rows): the run stops with an error
+    naming the micro-batch and the row, before anything is compiled."""
+    cfg = tiny_cfg(ckpt_every=2)
+    with_faults(monkeypatch, extra_placeholder_at=1, patch_id=cfg.model.tokens.image_patch_id)
+    with pytest.raises(ValueError, match=r"input micro-batch 0 refused: row 1 holds \d+ image-patch placeholders but "
+                                         r"its real frames give \d+ vision tokens.*rows with a mismatch: \[1\]"):
+        trainer.train(cfg, str(tmp_path))

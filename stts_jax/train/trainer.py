@@ -22,7 +22,7 @@ from stts_jax.config import ConfigError, validate_model_config
 from stts_jax.geometry import tokens_per_frame
 from stts_jax import geometry
 from stts_jax.geometry import FrameLayout
-from stts_jax.model.vlm import Molmo2VLM
+from stts_jax.model.vlm import Molmo2VLM, check_batch
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import inputs, sharding
 from stts_jax.train.metrics import MetricWriter
@@ -123,8 +123,8 @@ class _Prefetch:
 
     POLL_S = 0.5
 
-    def __init__(self, source: inputs.InputSource, count: int):
-        self.report = source.report
+    def __init__(self, source: inputs.InputSource, count: int, check=None):
+        self.report, self._check = source.report, check
         self.state = source.get_state()
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._closed = threading.Event()
@@ -142,6 +142,8 @@ class _Prefetch:
         try:
             while not self._closed.is_set():
                 batches = source.next_batches(count)
+                if self._check is not None:
+                    self._check(batches)
                 self._put((batches, source.get_state()))
         except BaseException as e:  # handed to the loop, raised there
             self._put((e, None))
@@ -227,7 +229,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         writer = MetricWriter(workdir, cfg.train.steps, tokens_per_step=tokens_per_step)
         records: list[dict] = []
         # ---- loop
-        fetch = _Prefetch(source, cfg.train.grad_accum)
+        fetch = _Prefetch(source, cfg.train.grad_accum, check=lambda batches: check_micro_batches(batches, cfg, layout))
         try:
             with _Preemption() as preemption:
                 records += _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh,
@@ -241,6 +243,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     for r in records:
         r["compilations"] = records_compiles
     return records
+
+
+def check_micro_batches(batches: dict, cfg: ml_collections.ConfigDict, layout: FrameLayout) -> None:
+    """Raises ValueError naming the micro-batch and row whose placeholders disagree with its frames (the model
+    would otherwise give some placeholders another row's features or none): `check_batch` on every micro-batch."""
+    for i in range(len(batches["input_ids"])):
+        try:
+            check_batch({k: v[i] for k, v in batches.items()}, cfg.model, layout)
+        except ValueError as e:
+            raise ValueError(f"input micro-batch {i} refused: {e}") from None
 
 
 def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
