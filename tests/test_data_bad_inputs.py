@@ -48,7 +48,9 @@ def bad_files(tmp_path_factory):
     mdat = good.find(b"mdat")  # zero-frame: a valid header whose every frame is gone
     (d / "zero_frames.mp4").write_bytes(good[: mdat + 4] + b"\x00" * (len(good) - mdat - 4))
     (d / "empty.mp4").write_bytes(b"")
+    os.mkfifo(d / "fifo.mp4")  # opening it for reading would wait for a writer forever
     return {
+        "fifo": (str(d / "fifo.mp4"), "unreadable", "not a regular file"),
         "corrupt": (str(d / "corrupt.mp4"), "corrupt", "not a readable video container"),
         "truncated": (str(d / "truncated.mp4"), "truncated", "truncated: the container declares 24 frames but only"),
         "zero_frames": (str(d / "zero_frames.mp4"), "no_frames", "declares 24 frames but none decodes"),
@@ -59,7 +61,7 @@ def bad_files(tmp_path_factory):
     }
 
 
-CASES = ["corrupt", "truncated", "zero_frames", "empty", "audio_only", "missing", "directory"]
+CASES = ["corrupt", "truncated", "zero_frames", "empty", "audio_only", "missing", "directory", "fifo"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -108,7 +110,7 @@ def tokenizer(tmp_path_factory):
 def test_pipeline_skips_counts_and_reports(workers, bad_files, tokenizer, tmp_path):
     goods = [_good_mp4(tmp_path / f"g{i}.mp4", seed=i) for i in range(5)]
     bads = [bad_files[c][0] for c in CASES]
-    paths = [p for pair in zip(goods + goods[:2], bads) for p in pair]  # interleaved: bad ones mid-epoch
+    paths = [p for pair in zip(goods + goods[:3], bads) for p in pair]  # interleaved: bad ones mid-epoch
     pipeline = _pipeline(_records(paths), tokenizer, workers=workers)
     it = iter(pipeline)
     seen = []
@@ -119,10 +121,10 @@ def test_pipeline_skips_counts_and_reports(workers, bad_files, tokenizer, tmp_pa
     assert sorted(seen) == good_index  # every good example arrived once; the epoch completed
     report = pipeline.report
     assert report.total == len(bads)
-    assert dict(report.counts) == {"corrupt": 2, "truncated": 1, "no_frames": 1, "no_video_stream": 1, "unreadable": 2}
+    assert dict(report.counts) == {"corrupt": 2, "truncated": 1, "no_frames": 1, "no_video_stream": 1, "unreadable": 3}
     for path in bads:
         assert any(m.startswith(path + ": ") for m in report.messages), path
-    assert "skipped 7 bad examples" in report.summary()
+    assert "skipped 8 bad examples" in report.summary()
 
 
 def test_pipeline_fail_mode_raises_naming_the_file(bad_files, tokenizer, tmp_path):

@@ -109,6 +109,9 @@ def _open(src: VideoSource, name: str):
             raise VideoDecodeError(name, "unreadable", "cannot read the file: no such file")
         if os.path.isdir(target):
             raise VideoDecodeError(name, "unreadable", "cannot read the file: it is a directory")
+        if not os.path.isfile(target):  # reading a FIFO or a device could block or never end
+            raise VideoDecodeError(name, "unreadable", "cannot read the file: not a regular file (a FIFO, device "
+                                   "or socket)")
         if not os.access(target, os.R_OK):
             raise VideoDecodeError(name, "unreadable", "cannot read the file: permission denied")
         if os.path.getsize(target) == 0:
