@@ -194,7 +194,8 @@ def prompt_ids(tok, cfg, timestamps, placeholders, question: str, frame_tokens: 
     for i, (stamp, k) in enumerate(zip(timestamps, placeholders)):
         ids += tok.encode(("" if i == 0 else " ") + f"{stamp:.1f} ")
         ids += [start] + [t.image_patch_id] * int(k) + [end]
-    return ids + tok.encode(USER_START) + tok.user_ids(question) + tok.encode(TURN_END + ASSISTANT_START)
+    tok.user_ids(question)  # refuses special-token text
+    return ids + tok.encode(USER_START + question + TURN_END + ASSISTANT_START)
 
 
 def overlay_png(path: str, frames: np.ndarray, keep: np.ndarray | None, cfg, timestamps) -> None:

@@ -25,10 +25,16 @@ def main(argv):
 
     if _MULTIHOST.value:
         jax.distributed.initialize()
-    from stts_jax.train.trainer import train
+    from stts_jax.config import ConfigError
+    from stts_jax.data.pipeline import TooManyBadExamples
+    from stts_jax.train.checkpoint import IncompatibleCheckpoint
+    from stts_jax.train.trainer import BadBatchError, NonFiniteUpdates, train
 
     logging.set_verbosity(logging.INFO)
-    records = train(_CONFIG.value, _WORKDIR.value)
+    try:
+        records = train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, IncompatibleCheckpoint, TooManyBadExamples, NonFiniteUpdates, BadBatchError) as e:
+        sys.exit(f"error: {e}")  # one line naming the cause, exit status 1
     if records:
         last = records[-1]
         print(f"done: step {last['step']}, loss {last['loss']:.4f}, compilations of the train step: "

@@ -248,6 +248,8 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
             workers=0,
             shuffle_seed=0,
             on_bad_video="skip",  # skip (count and report) | fail
+            max_consecutive_bad=16,  # skipping: this many bad examples in a row stop the run ...
+            max_bad_fraction=0.25,  # ... and so does a larger share of bad examples (once 64 were read)
         ),
         mesh=dict(data=-1, fsdp=1, tensor=1),  # -1 fills with the remaining devices; fsdp=0: the largest fsdp dividing every embed width
         optim=dict(
@@ -258,7 +260,7 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
         train=dict(
             steps=6250, grad_accum=1, log_every=10, ckpt_every=500, keep_ckpts=3, seed=0,
             keep_period=0,  # > 0: checkpoints at multiples of it are never rotated away
-            max_nonfinite=5,  # updates with a non-finite gradient are skipped; this many in a row stop the run
+            max_nonfinite=5,  # non-finite updates are skipped; a streak this long, seen at a log / ckpt step, stops
             init_from="",  # a Molmo2 checkpoint directory (scorer initialised fresh), or "" = from scratch
         ),
     ))

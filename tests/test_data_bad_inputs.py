@@ -253,6 +253,7 @@ def test_builder_refuses_paths_outside_the_dataset_and_bad_fields(tmp_path):
         '{"id": "broken", "video": ',
         json.dumps(dict(id="ok", video="good.mp4", question="Again?", answer="a")),
         json.dumps(dict(id="ok2", video="good.mp4", answer="right", **mc)),  # answer agrees: fine
+        json.dumps(dict(id="ok3", video="good.mp4", answer="B", **mc)),  # ... or is the option's letter
     ]
     (manual / "train.jsonl").write_text("\n".join(lines) + "\n")
     builder = VideoQa(data_dir=str(tmp_path / "tfds"))
@@ -264,17 +265,18 @@ def test_builder_refuses_paths_outside_the_dataset_and_bad_fields(tmp_path):
     errors = {s["id"]: s["error"] for s in builder.skipped}
     assert "resolves to " + os.path.realpath(secret) in errors["symlink"]
     assert "field 'question' is empty" in errors["train-4"] and "field 'answer' is empty" in errors["train-5"]
-    assert "'answer' 'left' is not option 1 ('right')" in errors["train-6"]
+    assert "'answer' 'left' is neither option 1 ('right') that 'answer_index' picks nor its letter 'B'" in errors["train-6"]
     assert "27 options, at most 26" in errors["train-7"] and "not valid JSON" in errors["train-8"]
     source = open_source(str(tmp_path / "tfds"), "train")
-    assert sorted(source[i]["id"].decode() for i in range(len(source))) == ["ok", "ok2"]
+    assert sorted(source[i]["id"].decode() for i in range(len(source))) == ["ok", "ok2", "ok3"]
+    assert {source[i]["answer"].decode() for i in range(len(source)) if source[i]["options"]} == {"right"}
     secret_bytes = open(secret, "rb").read()
     assert all(source[i]["video"] != secret_bytes for i in range(len(source)))
     # the opt-in: the private folder allowed, the three escaping records are read (the symlink resolved)
     allowed = VideoQa(data_dir=str(tmp_path / "tfds2"), video_roots=(str(outside),))
     allowed.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     assert "outside_dataset" not in {s["kind"] for s in allowed.skipped}
-    assert len(open_source(str(tmp_path / "tfds2"), "train")) == 5
+    assert len(open_source(str(tmp_path / "tfds2"), "train")) == 6
     # on_error="fail": the first refused record stops the build, named
     with pytest.raises(AnnotationError, match=r"train\.jsonl:2: video '\.\./private/secret\.mp4' resolves to"):
         VideoQa(data_dir=str(tmp_path / "tfds3"), on_error="fail").download_and_prepare(
@@ -349,3 +351,41 @@ def test_decode_limits_refuse_bombs_before_decoding_and_accept_4k(tmp_path, bike
     picked = uniform_frame_indices(len(everything), 6)
     assert np.array_equal(sampled.indices, picked) and np.array_equal(sampled.frames, everything[picked])
     np.testing.assert_allclose(sampled.timestamps, picked / fps)
+
+
+def test_decoding_in_a_child_process_costs_one_example_on_timeout_or_out_of_memory(tokenizer, tmp_path):
+    """Each video is decoded in a child process (the pipeline's default): past the memory cap or the timeout the
+    child is replaced and that example is a counted skip; the next example decodes in a fresh child, exactly as
+    in this process."""
+    from stts_jax.data.isolated import IsolatedDecoder, decode_patches
+
+    small = _good_mp4(tmp_path / "small.mp4")
+    big = write_mp4(str(tmp_path / "big.mp4"), np.full((8, 2160, 3840, 3), 90, np.uint8), fps=8, codec="libx264")
+    kw = dict(num_frames=SPEC_FRAMES, max_fps=2.0, sampler="uniform_last_frame", threads=1, image_size=126,
+              patch_size=14)
+    capped = IsolatedDecoder(timeout_s=60, memory_bytes=100 << 20)  # 8 frames of 4K RGB alone are 200 MB
+    with pytest.raises(VideoDecodeError, match=r"big\.mp4: decoding it needs more memory than the cap of 0\.10 GiB"):
+        capped(big, src=big, **kw)
+    for a, b in zip(capped(small, src=small, **kw), decode_patches(small, small, **kw)):
+        np.testing.assert_array_equal(a, b)
+    roomy = IsolatedDecoder(timeout_s=60, memory_bytes=4 << 30)
+    for a, b in zip(roomy(big, src=big, **kw), decode_patches(big, big, **kw)):
+        np.testing.assert_array_equal(a, b)
+    hasty = IsolatedDecoder(timeout_s=1e-4, memory_bytes=4 << 30)
+    with pytest.raises(VideoDecodeError, match=r"small\.mp4: decoding took longer than 0\.0001 s") as info:
+        hasty(small, src=small, **kw)
+    assert info.value.kind == "timeout"
+    hasty.timeout_s = 60.0
+    np.testing.assert_array_equal(hasty(small, src=small, **kw)[0], decode_patches(small, small, **kw)[0])
+    for decoder in (capped, roomy, hasty):
+        decoder.close()
+    # in the pipeline: the over-cap video is one counted skip between good ones
+    cfg = tiny_model_config()
+    cfg.stts = stts_config(method="scorer", prune_ratio=0.5, prune_at=0)
+    data = data_config(tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2, videos_per_row=4,
+                       shuffle=False, decode_memory_gb=0.1)
+    pipeline = make_pipeline(data, cfg, source=_records([small, big, small]), process_index=0, process_count=1)
+    it = iter(pipeline)
+    seen = [r for batch in it for r in batch["record"][batch["record"] >= 0].tolist()]
+    it.close()
+    assert sorted(seen) == [0, 2] and dict(pipeline.report.counts) == {"too_large": 1}

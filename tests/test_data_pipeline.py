@@ -153,7 +153,7 @@ def test_restoring_iterator_state_reproduces_batches(dataset, workers):
 def test_example_longer_than_a_row_is_an_error_naming_it(dataset):
     """on_error="fail": the first over-long example raises, named; "skip": each is a counted skip, and a dataset
     where every example is too long stops at the skip budget instead of looping."""
-    with pytest.raises(ExampleTooLongError, match=r"example 'clip_\d+_\w+' \(record \d+\) has \d+ tokens.*seq_len=64"):
+    with pytest.raises(ExampleTooLongError, match=r"bad example 'clip_\d+_\w+': record \d+ has \d+ tokens.*seq_len=64"):
         next(iter(pipeline(dataset, seq_len=64, on_error="fail")))
     with pytest.raises(TooManyBadExamples, match=r"stopping: 4 consecutive bad examples; skipped 4 bad examples "
                                                    r"\(too_long: 4\)"):

@@ -42,8 +42,8 @@ class FaultySource(inputs.InputSource):
 
     def next_batches(self, count):
         self.fetched += 1
-        if self.fetched == self.stall_at:
-            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        if self.fetched == self.stall_at:  # the loop takes the batches before and runs its step meanwhile
+            threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
             threading.Event().wait()
         batches = super().next_batches(count)
         if self.fetched in self.nan_steps:
@@ -95,7 +95,8 @@ def test_a_streak_of_nonfinite_updates_stops_the_run_with_finite_checkpoints(tmp
     assert latest_params_finite(str(tmp_path))
 
 
-def test_sigterm_while_the_input_stalls_saves_the_last_step_and_resume_saves_the_final_step(tmp_path, monkeypatch):
+def test_sigterm_while_the_input_stalls_saves_the_last_step_and_resume_saves_the_final_step(tmp_path, monkeypatch,
+                                                                                              caplog):
     """The input hangs when asked for step 4's batches and SIGTERM arrives while the loop waits: the run returns,
     keeping step 3, which is also a periodic checkpoint step (saved once: no StepAlreadyExistsError). Resumed with
     a clean input, it runs to step 10 and saves step 10 although 10 is not a multiple of ckpt_every."""
@@ -103,6 +104,7 @@ def test_sigterm_while_the_input_stalls_saves_the_last_step_and_resume_saves_the
     workdir = str(tmp_path)
     records = trainer.train(tiny_cfg(ckpt_every=3), workdir)
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert "SIGTERM while waiting for input: checkpointing step 3" in caplog.text
     assert saved(workdir)[0] == [1, 3]  # Orbax's save policy also keeps the first step of a fresh run
     monkeypatch.undo()
     records = trainer.train(tiny_cfg(ckpt_every=3), workdir)

@@ -73,6 +73,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         read_buffer=4,  # examples decoded ahead per process
         host_prefetch=2,  # finished batches prepared ahead on a thread (0 = off)
         decode_threads=1,  # FFmpeg threads per decode
+        decode_timeout_s=600.0,  # > 0: decode each video in a child process within this time (0: in this process)
+        decode_memory_gb=8.0,  # ... and this much memory; past either, the example is a counted skip
         on_error="skip",  # bad examples: "skip" (count + report) or "fail"
         max_consecutive_bad=16,  # skipping: this many bad examples in a row stop the pipeline (TooManyBadExamples)
         max_bad_fraction=0.25,  # ... and so does a larger share of bad examples, once bad_fraction_after were read
@@ -83,7 +85,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 class BadExampleError(RuntimeError):
-    """A bad video with on_error="fail"; the message names the file."""
+    """A bad example (video, fields) with on_error="fail"; the message names the example and the file."""
 
 
 class ExampleTooLongError(ValueError):
@@ -184,9 +186,9 @@ class _ScreenIterator(grain.DatasetIterator):
                 continue
             n = len(element["input_ids"])
             if n > self._cfg.seq_len:
-                self._skip(ident, "too_long", f"example {ident!r} (record {int(element['record'][0])}) has {n} "
-                           f"tokens, more than a packed row holds (seq_len={self._cfg.seq_len}): raise seq_len, "
-                           "lower num_frames or shorten its text", ExampleTooLongError)
+                self._skip(ident, "too_long", f"record {int(element['record'][0])} has {n} tokens, more than a "
+                           f"packed row holds (seq_len={self._cfg.seq_len}): raise seq_len, lower num_frames or "
+                           "shorten its text", ExampleTooLongError)
                 continue
             self._in_a_row = 0
             element = dict(element)
@@ -294,6 +296,10 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
     for field in ("num_frames", "seq_len", "rows", "videos_per_row"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ValueError(f"data config field `{field}`: must be a positive int, got {cfg[field]!r}")
+    if not (cfg.max_consecutive_bad >= 1 and 0.0 < cfg.max_bad_fraction <= 1.0 and cfg.bad_fraction_after >= 1):
+        raise ValueError("data config fields `max_consecutive_bad` (>= 1), `max_bad_fraction` (0, 1] and "
+                         f"`bad_fraction_after` (>= 1): got {cfg.max_consecutive_bad}, {cfg.max_bad_fraction}, "
+                         f"{cfg.bad_fraction_after}")
     if cfg.on_error not in ON_ERROR:
         raise ValueError(f"data config field `on_error`: must be one of {ON_ERROR}, got {cfg.on_error!r}")
     if cfg.sampler not in SAMPLERS:
@@ -316,7 +322,8 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
     builder = ExampleBuilder(
         cfg.tokenizer, image_size=model_cfg.vit.image_size, patch_size=model_cfg.vit.patch_size,
         num_frames=cfg.num_frames, placeholders_per_frame=geo.placeholders_per_frame(model_cfg, cfg.num_frames),
-        max_fps=cfg.max_fps, sampler=cfg.sampler, decode_threads=cfg.decode_threads)
+        max_fps=cfg.max_fps, sampler=cfg.sampler, decode_threads=cfg.decode_threads,
+        decode_timeout_s=cfg.decode_timeout_s, decode_memory_bytes=int(cfg.decode_memory_gb * 2**30))
 
     if source is None:
         source = open_source(cfg.data_dir, cfg.split)
@@ -384,7 +391,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict):
     data = data_config(data_dir=d.path, split=d.get("split", "train"), tokenizer=find_tokenizer(d),
                        num_frames=d.num_frames, seq_len=d.seq_len, rows=d.rows,
                        videos_per_row=d.videos_per_batch // d.rows, seed=d.shuffle_seed, num_epochs=None,
-                       num_workers=d.workers, on_error=d.on_bad_video, max_fps=d.get("max_fps", 2.0))
+                       num_workers=d.workers, on_error=d.on_bad_video, max_fps=d.get("max_fps", 2.0),
+                       max_consecutive_bad=d.max_consecutive_bad, max_bad_fraction=d.max_bad_fraction)
     p = make_pipeline(data, cfg.model)
     p.dataset = p.dataset.map(_train_keys)
     return iter(p), p.report

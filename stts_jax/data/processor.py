@@ -234,12 +234,11 @@ class Molmo2TextEncoder:
 
     `encode` returns next-token training arrays: input_ids [L], targets [L] (input_ids shifted left, -1
     after the last token), loss_mask [L] (1 where the target is an answer token, incl. the final eos).
-    The layout (bos, video, chat markers) and the user's text are tokenised separately and joined (the layout
-    pieces end in "\\n" or a special token, which Qwen's byte-level pre-tokeniser never merges with the next
-    word, so this equals tokenising the joined text). User text (question, answer) that tokenises to any special
-    or added token (`<im_patch>`, `<frame_end>`, `<|im_end|>` ...) is refused with ValueError: it would add
-    placeholders or chat turns the layout does not reserve. Every example is then checked for exactly its
-    reserved placeholders and frame markers.
+    The prompt and the answer are tokenised separately (the prompt ends in "\\n", which Qwen's byte-level
+    pre-tokeniser never merges with the next word, so this equals tokenising the joined text). User text
+    (question, answer) that tokenises to any special or added token (`<im_patch>`, `<frame_end>`, `<|im_end|>`
+    ...) is refused with ValueError: it would add placeholders or chat turns the layout does not reserve. Every
+    prompt is then checked for exactly its reserved placeholders and frame markers.
     """
 
     def __init__(self, tokenizer, fmt: PromptFormat = PromptFormat()):
@@ -283,8 +282,8 @@ class Molmo2TextEncoder:
         """Returns the prompt's token ids (bos, video, user turn, assistant header)."""
         video = video_text(timestamps, placeholders_per_frame,
                            use_frame_special_tokens=self.fmt.use_frame_special_tokens)
-        before, after = self.fmt.prompt(video, "\0").split("\0")
-        ids = self.ids(before) + self.user_ids(question, "question") + self.ids(after)
+        self.user_ids(question, "question")  # refuses special-token text
+        ids = self.ids(self.fmt.prompt(video, question))  # joined: a leading newline merges as in Molmo2Processor
         self.check_layout(ids, placeholders_per_frame)
         return ids
 
@@ -304,7 +303,8 @@ class Molmo2TextEncoder:
                placeholders_per_frame: Sequence[int]) -> dict[str, np.ndarray]:
         """Returns dict(input_ids, targets, loss_mask) int32 [L] for one example."""
         prompt = self.prompt_ids(question, timestamps, placeholders_per_frame)
-        answer_ids = self.user_ids(answer, "answer") + self.ids(self.fmt.eos)
+        self.user_ids(answer, "answer")  # refuses special-token text
+        answer_ids = self.ids(answer + self.fmt.eos)
         tokens = np.asarray(prompt + answer_ids, np.int32)
         targets = np.full_like(tokens, -1)
         targets[:-1] = tokens[1:]

@@ -36,7 +36,7 @@ from typing import Union
 import numpy as np
 
 SAMPLERS = ("uniform_last_frame", "transformers")
-ERROR_KINDS = ("unreadable", "corrupt", "no_video_stream", "no_frames", "truncated", "too_large")
+ERROR_KINDS = ("unreadable", "corrupt", "no_video_stream", "no_frames", "truncated", "too_large", "timeout", "crashed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +258,8 @@ def _decode_at(container, stream, wanted: np.ndarray, threads: int, name: str = 
                 break
     except VideoDecodeError:
         raise
+    except MemoryError:  # av.error.MemoryError too: FFmpeg could not allocate (e.g. under a memory cap)
+        raise VideoDecodeError(name, "too_large", f"out of memory after decoding {count} frames") from None
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         error = str(e)
     return got, count, error

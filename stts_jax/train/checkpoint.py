@@ -15,10 +15,11 @@ class IncompatibleCheckpoint(ValueError):
 
 
 # What a resumed run may change: how long it runs (the LR schedule follows the new train.steps), how it logs and
-# keeps checkpoints, the mesh (Orbax reshards on restore), the input workers. Every other field (model, STTS,
+# keeps checkpoints, the mesh (Orbax reshards on restore), the input workers and what bad input does. Every other field (model, STTS,
 # data source and seed, optimizer, seeds) decides what the run computes, so a resume must match it.
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.keep_period",
-                     "train.max_nonfinite", "train.init_from", "mesh.", "data.workers")
+                     "train.max_nonfinite", "train.init_from", "mesh.", "data.workers", "data.on_bad_video",
+                     "data.max_consecutive_bad", "data.max_bad_fraction")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

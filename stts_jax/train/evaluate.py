@@ -162,7 +162,8 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
         letters.append(ids[0])
     data = pipe.data_config(data_dir=data_dir, split=split, tokenizer=tokenizer, num_frames=frames,
                             seq_len=seq_len, rows=rows, videos_per_row=1, shuffle=False, num_epochs=1,
-                            packing_bins=rows, max_fps=max_fps)
+                            packing_bins=rows, max_fps=max_fps,
+                            max_consecutive_bad=1 << 31, max_bad_fraction=1.0)  # one epoch: report, never stop
     p = pipe.make_pipeline(data, cfg, source=source)
     mesh = mesh if mesh is not None else single_device_mesh()
     state, answer_logits = make_answer_logits(eval_model, p.layout, seed, mesh)  # p.layout: one row's slots

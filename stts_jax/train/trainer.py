@@ -46,7 +46,8 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
     _require(tr.log_every >= 1 and tr.ckpt_every >= 1 and tr.keep_ckpts >= 1, "train.log_every",
              "log_every, ckpt_every and keep_ckpts must be >= 1")
     _require(tr.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {tr.max_nonfinite}")
-    _require(tr.keep_period >= 0, "train.keep_period", f"must be >= 0 (0: off), got {tr.keep_period}")
+    _require(tr.keep_period >= 0 and tr.keep_period % tr.ckpt_every == 0, "train.keep_period",
+             f"must be 0 (off) or a multiple of train.ckpt_every={tr.ckpt_every}, got {tr.keep_period}")
     for group in tuple(optim.freeze):
         _require(group in GROUPS, "optim.freeze", f"unknown group {group!r}; groups are {GROUPS}")
     _require(data.kind in inputs.KINDS, "data.kind", f"must be one of {inputs.KINDS}, got {data.kind!r}")
@@ -109,8 +110,13 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, own: Molmo2VLM | None = No
     return sharding.init_sharded(lambda: Molmo2VLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), mesh)
 
 
+class BadBatchError(ValueError):
+    """A micro-batch the model cannot run as it is (e.g. a row whose placeholders disagree with its frames)."""
+
+
 class NonFiniteUpdates(RuntimeError):
-    """`train.max_nonfinite` updates in a row had a non-finite gradient (all skipped: parameters stay finite)."""
+    """At least `train.max_nonfinite` updates in a row had a non-finite gradient (all skipped: parameters stay
+    finite); checked whenever the loop reads the metrics (log and checkpoint steps)."""
 
 
 class _Prefetch:
@@ -128,15 +134,15 @@ class _Prefetch:
         self.state = source.get_state()
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._closed = threading.Event()
+        self._taken = threading.Event()  # the loop took the last batches: fetch the next (one step ahead, not two)
         threading.Thread(target=self._run, args=(source, count), daemon=True, name="stts-input").start()
 
     def _put(self, item) -> None:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=self.POLL_S)
-                return
-            except queue.Full:
-                continue
+        """Hands `item` over and waits until the loop takes it."""
+        self._taken.clear()
+        self._queue.put(item)  # the queue is empty here: the previous item was taken
+        while not self._closed.is_set() and not self._taken.wait(self.POLL_S):
+            continue
 
     def _run(self, source: inputs.InputSource, count: int) -> None:
         try:
@@ -157,6 +163,7 @@ class _Prefetch:
                 if give_up():
                     return None
                 continue
+            self._taken.set()
             if isinstance(batches, BaseException):
                 raise batches
             self.state = state
@@ -218,7 +225,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed, state_shardings=state_shardings)
         # ---- resume
         if latest is not None:
-            state, data_state = checkpointer.restore(latest, state)
+            try:
+                state, data_state = checkpointer.restore(latest, state)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ckpt_lib.IncompatibleCheckpoint(
+                    f"checkpoint step {latest} in {workdir} does not fit this trainer's state ({type(e).__name__}: "
+                    f"{str(e)[:300]}); it was probably written by an older version: use a new --workdir "
+                    "(--config.train.init_from=<that workdir> keeps its weights)") from e
             source.set_state(data_state)
             logging.info("resumed from step %d", latest)
         start = int(state["step"])
@@ -246,13 +259,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
 
 
 def check_micro_batches(batches: dict, cfg: ml_collections.ConfigDict, layout: FrameLayout) -> None:
-    """Raises ValueError naming the micro-batch and row whose placeholders disagree with its frames (the model
+    """Raises BadBatchError naming the micro-batch and row whose placeholders disagree with its frames (the model
     would otherwise give some placeholders another row's features or none): `check_batch` on every micro-batch."""
     for i in range(len(batches["input_ids"])):
         try:
             check_batch({k: v[i] for k, v in batches.items()}, cfg.model, layout)
         except ValueError as e:
-            raise ValueError(f"input micro-batch {i} refused: {e}") from None
+            raise BadBatchError(f"input micro-batch {i} refused: {e}") from None
 
 
 def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
@@ -289,8 +302,9 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
                 raise NonFiniteUpdates(
                     f"stopping at step {done}: {streak} updates in a row had a non-finite gradient (loss "
                     f"{float(metrics['loss'])}); they were skipped, so parameters and checkpoints stay finite "
-                    f"(latest checkpoint: step {checkpointer.latest_step()}). Look for bad input or lower the "
-                    "learning rate; train.max_nonfinite sets the limit")
+                    f"(latest checkpoint: step {checkpointer.latest_step()}). Look for bad input; to go on with "
+                    "another learning rate or data, start a new --workdir with --config.train.init_from=<this "
+                    "workdir> (a resume here would repeat the same steps); train.max_nonfinite sets the limit")
         if log_now:
             if fetch.report is not None:  # bad examples skipped so far (counted ahead of the step by the prefetch)
                 if fetch.report.total > skipped:

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from stts_jax.data.processor import OPTION_LETTERS
 from stts_jax.data.video import VideoDecodeError, probe_video
 
 SPLITS = ("train", "validation", "test")
@@ -56,7 +57,7 @@ def _text(value, field, where):
     return value
 
 
-MAX_OPTIONS = 26  # option letters A-Z
+MAX_OPTIONS = len(OPTION_LETTERS)  # one letter each, A-Z
 
 
 def _nonempty(value, field, where):
@@ -88,9 +89,9 @@ def parse_annotation(line: str, where: str, default_id: str) -> dict:
             index = options.index(answer)
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(options):
             raise AnnotationError(f"{where}: 'answer_index' must pick one of the {len(options)} options, got {index!r}")
-        if answer is not None and answer != options[index]:
-            raise AnnotationError(f"{where}: 'answer' {answer!r} is not option {index} ({options[index]!r}) that "
-                                  "'answer_index' picks: which one is right?")
+        if answer is not None and answer not in (options[index], OPTION_LETTERS[index]):
+            raise AnnotationError(f"{where}: 'answer' {answer!r} is neither option {index} ({options[index]!r}) that "
+                                  f"'answer_index' picks nor its letter {OPTION_LETTERS[index]!r}: which one is right?")
         answer = options[index]
     else:
         index = -1
