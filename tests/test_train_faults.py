@@ -99,7 +99,8 @@ def test_sigterm_while_the_input_stalls_saves_the_last_step_and_resume_saves_the
                                                                                               caplog):
     """The input hangs when asked for step 4's batches and SIGTERM arrives while the loop waits: the run returns,
     keeping step 3, which is also a periodic checkpoint step (saved once: no StepAlreadyExistsError). Resumed with
-    a clean input, it runs to step 10 and saves step 10 although 10 is not a multiple of ckpt_every."""
+    a clean input, it runs to step 10 and saves step 10 although 10 is not a multiple of ckpt_every; with
+    keep_period=3 the checkpoints at multiples of 3 survive keep-last-2 rotation."""
     with_faults(monkeypatch, stall_at=4)
     workdir = str(tmp_path)
     records = trainer.train(tiny_cfg(ckpt_every=3), workdir)
@@ -107,9 +108,9 @@ def test_sigterm_while_the_input_stalls_saves_the_last_step_and_resume_saves_the
     assert "SIGTERM while waiting for input: checkpointing step 3" in caplog.text
     assert saved(workdir)[0] == [1, 3]  # Orbax's save policy also keeps the first step of a fresh run
     monkeypatch.undo()
-    records = trainer.train(tiny_cfg(ckpt_every=3), workdir)
+    records = trainer.train(tiny_cfg(ckpt_every=3, keep_period=3), workdir)
     assert [r["step"] for r in records] == list(range(4, 11))
-    assert saved(workdir)[0] == [9, 10]
+    assert saved(workdir)[0] == [3, 6, 9, 10]
 
 
 def test_a_batch_whose_placeholders_disagree_with_its_frames_is_refused(tmp_path, monkeypatch):
