@@ -233,6 +233,14 @@ def uniform_frame_indices(total: int, num_frames: int) -> np.ndarray:
     return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64)
 
 
+def _rgb(frame, index: int, name: str, limits: DecodeLimits) -> np.ndarray:
+    """Returns a decoded frame as uint8 RGB, refusing it ("too_large") before conversion when over the limits."""
+    if frame.width * frame.height > limits.max_pixels:
+        raise VideoDecodeError(name, "too_large", f"frame {index} is {frame.width}x{frame.height}, over the limit "
+                               f"of {limits.max_pixels / 1e6:.1f} megapixels")
+    return frame.to_ndarray(format="rgb24")
+
+
 def _decode_at(container, stream, wanted: np.ndarray, threads: int, name: str = "",
                limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[dict[int, np.ndarray], int, str | None]:
     """Decodes frames in order; returns ({index: rgb frame} for wanted indices, frames decoded, error text).
@@ -249,10 +257,7 @@ def _decode_at(container, stream, wanted: np.ndarray, threads: int, name: str = 
     try:
         for frame in container.decode(stream):
             if count in wanted_set:
-                if frame.width * frame.height > limits.max_pixels:
-                    raise VideoDecodeError(name, "too_large", f"frame {count} is {frame.width}x{frame.height}, "
-                                           f"over the limit of {limits.max_pixels / 1e6:.1f} megapixels")
-                got[count] = frame.to_ndarray(format="rgb24")
+                got[count] = _rgb(frame, count, name, limits)
             count += 1
             if count > last:
                 break
@@ -352,10 +357,7 @@ def decode_frames(path: VideoSource, max_frames: int | None = None,
         check_limits(_stream_info(container, stream, name), name, limits)
         try:
             for frame in container.decode(stream):
-                if frame.width * frame.height > limits.max_pixels:
-                    raise VideoDecodeError(name, "too_large", f"frame {len(frames)} is {frame.width}x{frame.height}, "
-                                           f"over the limit of {limits.max_pixels / 1e6:.1f} megapixels")
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_rgb(frame, len(frames), name, limits))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
         except VideoDecodeError:
