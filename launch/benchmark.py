@@ -17,10 +17,22 @@ pruned/unpruned ratios:
   * "meas/pred": measured speedup / FLOP-predicted speedup; "pack%": selection + packing time as a share of
     the pruned ViT time.
 No weights are allocated with --flops_only (abstract parameters), so Molmo2-4B shapes lower on a laptop.
+
+--peer: ours against transformers' PyTorch Molmo2 (the `test` extra), side by side in one process, on the same
+weights (our random model exported by `export_hf`, loaded by `Molmo2ForConditionalGeneration.from_pretrained`)
+and the same inputs (the video as transformers' processor lays it out: flat frames, `video_token_pooling`,
+`video_grids`, `mm_token_type_ids`), logits checked equal first. Rounds interleave the three programs
+(transformers unpruned, ours unpruned, ours STTS at 0.5, or the largest --ratios given) so machine noise hits all alike;
+prints median forward and train-step times, the ratios, and achieved GFLOP/s (our XLA FLOP count of the
+unpruned model / time) against a float32 matmul measured in the same process:
+
+  OMP_WAIT_POLICY=PASSIVE python launch/benchmark.py --peer --frames=16,32,64 --csv=peer.csv
 """
 
 import csv
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads must not spin into JAX's time (--peer)
 import statistics
 import sys
 import time
@@ -40,6 +52,7 @@ from stts_jax.geometry import grid_size, tokens_per_frame  # noqa: E402
 from stts_jax.model import pruning  # noqa: E402
 from stts_jax.model.vlm import Molmo2VLM, attention_mask, total_loss  # noqa: E402
 from stts_jax.train import sharding  # noqa: E402
+from stts_jax.train.estimate import counted_flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Benchmark config file.")
 _FRAMES = flags.DEFINE_list("frames", ["16", "32", "64", "128"], "Frames per video.")
@@ -53,6 +66,8 @@ _PIECES = flags.DEFINE_bool("pieces", True, "Also compile the ViT / adapter / LL
 _COND_COST = flags.DEFINE_bool("cond_cost", True, "Also compile the fallback-guarded pruned forward for its (cond) FLOPs.")
 _CSV = flags.DEFINE_string("csv", None, "Write the table as CSV here.")
 _PNG = flags.DEFINE_string("png", None, "Write a plot (speedup vs frames, one line per ratio) here.")
+_PEER = flags.DEFINE_bool("peer", False, "Ours (unpruned, STTS) vs transformers' PyTorch Molmo2 on the same weights "
+                          "and inputs (needs the `test` extra: torch + transformers).")
 
 
 def make_batch(cfg, frames: int, question_len: int, seed: int = 0) -> dict:
@@ -125,14 +140,17 @@ def cost(fn, *args) -> dict:
 
 
 def compile_cost(fn, *args):
-    """Returns (the compiled fn, its cost dict as `cost`); the executable also runs on concrete args."""
+    """Returns (the compiled fn, its cost dict as `cost`); the executable also runs on concrete args.
+
+    FLOPs count every attention tile (`counted_flops`); bytes are the compiled program's, whose loops XLA
+    counts once (a lower bound where attention is tiled)."""
     compiled = jax.jit(fn).lower(*args).compile()
     analysis = compiled.cost_analysis() or {}
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
         analysis = analysis[0] if analysis else {}
     mem = compiled.memory_analysis()
     peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    return compiled, dict(flops=float(analysis.get("flops", 0.0)), bytes=float(analysis.get("bytes accessed", 0.0)),
+    return compiled, dict(flops=counted_flops(fn, *args), bytes=float(analysis.get("bytes accessed", 0.0)),
                           mem=peak)
 
 
@@ -256,6 +274,9 @@ def main(argv):
     print(f"# device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); config {_CONFIG.value.get('model').vit.hidden_size}-wide ViT, "
           f"{base.vit.num_layers} blocks, {grid_size(base)}x{grid_size(base)} patches, {tokens_per_frame(base)} windows/frame; "
           f"execution={base.stts.execution}, prune_at={base.stts.prune_at}")
+    if _PEER.value:
+        run_peer(cfg)
+        return
     rows = []
     start = time.perf_counter()
     for frames in map(int, _FRAMES.value):
@@ -295,6 +316,133 @@ def main(argv):
         print(f"# wrote {_CSV.value}")
     if _PNG.value and not _FLOPS_ONLY.value:
         plot(rows, _PNG.value)
+
+
+def hf_inputs(cfg, batch: dict, vision_ids) -> dict:
+    """Returns transformers' Molmo2 inputs for our one-row, one-video batch: the frames flat, the video's
+    pooling windows and grid, mm_token_type_ids 1 on the vision layout tokens, and labels for our loss mask."""
+    import torch
+
+    ids = np.asarray(batch["input_ids"])
+    frames = batch["pixel_values"].shape[1]
+    grid, pool = grid_size(cfg), cfg.adapter.pool_size
+    labels = np.full(ids.shape, -100, np.int64)
+    where = np.nonzero(np.asarray(batch["loss_mask"])[0])[0]
+    labels[0, where + 1] = ids[0, where + 1]  # transformers shifts labels itself
+    return dict(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                attention_mask=torch.ones(ids.shape, dtype=torch.int64),
+                mm_token_type_ids=torch.from_numpy(np.isin(ids, vision_ids).astype(np.int64)),
+                pixel_values_videos=torch.from_numpy(np.asarray(batch["pixel_values"][0], np.float32)),
+                video_token_pooling=torch.from_numpy(geometry.video_pooling_indices(frames, grid, pool)),
+                video_grids=torch.tensor([[frames, -(-grid // pool), -(-grid // pool)]]),
+                labels=torch.from_numpy(labels))
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Returns the best float32 [n, n] @ [n, n] GFLOP/s of jax on this device: the attainable peak."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(x))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def run_peer(cfg) -> list[dict]:
+    """Ours vs transformers' Molmo2 (see the module docstring); returns the table rows."""
+    import tempfile
+
+    import torch
+    from transformers import Molmo2ForConditionalGeneration
+
+    from stts_jax.interop.hf_export import export_hf
+
+    ratio = max(float(r) for r in _RATIOS.value) if _RATIOS.present else 0.5
+    peak = matmul_gflops()
+    print(f"# {jax.devices()[0].device_kind}: jax float32 matmul {peak:.1f} GFLOP/s (the attainable peak below); "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for frames in [int(f) for f in _FRAMES.value]:
+        base = cfg.model.copy_and_resolve_references()
+        base.stts.method = "none"
+        layout = geometry.FrameLayout.videos(frames)
+        ours = Subject(base, layout, False, cfg.seed)
+        sts = cfg.model.copy_and_resolve_references()
+        sts.stts.update(method="scorer", prune_ratio=ratio)
+        pruned = Subject(sts, layout, False, cfg.seed)  # the same base weights (the scorer is created last)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(nnx.merge(ours.graphdef, ours.state), base, tmp)
+            hf = Molmo2ForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
+        batch = make_batch(base, frames, cfg.question_len)
+        pbatch = make_batch(sts, frames, cfg.question_len)  # the same text and frames, fewer placeholders
+        inputs = hf_inputs(base, batch, ours.model(ours.state).vision_layout_ids)
+        one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        dev, pdev = sharding.to_global(batch, one), sharding.to_global(pbatch, one)
+        fwd_u, fwd_p = jax.jit(ours.fns(True)["fwd"]), jax.jit(pruned.fns(True)["fwd"])
+        train_u, train_p = jax.jit(ours.fns(True)["train"]), jax.jit(pruned.fns(True)["train"])
+        no_labels = {k: v for k, v in inputs.items() if k != "labels"}
+
+        def hf_fwd():
+            with torch.inference_mode():
+                return hf(**no_labels).logits
+
+        def hf_train():
+            hf.zero_grad(set_to_none=True)
+            loss = hf(**inputs).loss
+            loss.backward()
+            return loss
+
+        ref = hf_fwd().numpy()
+        got = np.asarray(fwd_u(ours.state, dev))
+        diff = float(np.abs(got - ref).max())
+        if not diff <= 1e-4 * max(1.0, float(np.abs(ref).max())):
+            raise SystemExit(f"ours and transformers disagree at {frames} frames: max |logits diff| {diff:.2e}")
+        flops = dict(fwd=counted_flops(ours.fns(True)["fwd"], ours.state, dev),
+                     fwd_p=counted_flops(pruned.fns(True)["fwd"], pruned.state, pdev))
+        programs = dict(hf_fwd=hf_fwd, fwd=lambda: fwd_u(ours.state, dev), fwd_p=lambda: fwd_p(pruned.state, pdev))
+        if _TRAIN.value:
+            flops.update(train=counted_flops(ours.fns(True)["train"], ours.state, dev),
+                         train_p=counted_flops(pruned.fns(True)["train"], pruned.state, pdev))
+            programs.update(hf_train=hf_train, train=lambda: train_u(ours.state, dev),
+                            train_p=lambda: train_p(pruned.state, pdev))
+        for fn in programs.values():  # compile + warm up
+            for _ in range(1 + _WARMUP.value):
+                jax.block_until_ready(fn())
+        times = {name: [] for name in programs}
+        for _ in range(_REPEATS.value):  # interleaved rounds
+            for name, fn in programs.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        row = dict(frames=frames, ratio=ratio, logits_diff=diff, matmul_gflops=peak, repeats=_REPEATS.value,
+                   **{f"{k}_s": v for k, v in med.items()}, **{f"{k}_flops": v for k, v in flops.items()})
+        rows.append(row)
+        print_peer_row(row, header=len(rows) == 1)
+        if _CSV.value:
+            write_csv(rows, _CSV.value)
+        del hf
+    return rows
+
+
+def print_peer_row(r: dict, header: bool) -> None:
+    """Prints one --peer row: medians (ms), speed relative to transformers unpruned, GFLOP/s."""
+    if header:
+        print("frames | kind  | transformers ms | ours ms | ours STTS ms | ours / tf | STTS / tf | STTS / ours | "
+              "ours GFLOP/s (% of matmul) | tf GFLOP/s | STTS GFLOP/s | max |logits diff|")
+    for kind in ("fwd", "train"):
+        if f"{kind}_s" not in r:
+            continue
+        tf, u, p = r[f"hf_{kind}_s"], r[f"{kind}_s"], r[f"{kind}_p_s"]
+        gf = lambda flops, t: flops / t / 1e9
+        print(f"{r['frames']:>6} | {kind:<5} | {1e3 * tf:>15.1f} | {1e3 * u:>7.1f} | {1e3 * p:>12.1f} | "
+              f"{tf / u:>8.2f}x | {tf / p:>8.2f}x | {u / p:>10.2f}x | "
+              f"{gf(r[f'{kind}_flops'], u):>8.1f} ({100 * gf(r[f'{kind}_flops'], u) / r['matmul_gflops']:.0f}%) | "
+              f"{gf(r[f'{kind}_flops'], tf):>10.1f} | {gf(r[f'{kind}_p_flops'], p):>12.1f} | {r['logits_diff']:.1e}",
+              flush=True)
 
 
 COLUMNS = ["frames", "ratio", "fwd FLOPs", "(cond)", "ViT", "adapter", "LLM", "train FLOPs", "bytes", "mem",

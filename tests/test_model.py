@@ -170,6 +170,37 @@ def test_attention_matches_a_numpy_softmax_reference_with_query_chunks(chunk):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
+def test_attention_tiles_stay_on_their_shard_and_every_tile_is_counted():
+    """Row tiles on an 8-device mesh: the same values as one device, no row gathered across devices; and
+    `counted_flops` sees every tile (XLA's cost analysis of the compiled loop counts its body once)."""
+    from stts_jax.model import layers
+    from stts_jax.train.estimate import counted_flops, flops_of
+    from stts_jax.train.sharding import batch_sharding, make_mesh
+
+    rng = np.random.default_rng(3)
+    b, l, h, d = 16, 40, 2, 8  # 16 rows (frames) over 8 devices: 2 per device, attended one at a time
+    q, k, v = (rng.normal(size=(b, l, h, d)).astype(np.float32) for _ in range(3))
+    bias = rng.normal(size=(b, l)).astype(np.float32)
+    attend = jax.jit(lambda q, k, v, bias: layers.dot_product_attention(q, k, v, key_bias=bias))
+    mesh = make_mesh(8, 1, 1)
+    with jax.default_matmul_precision("highest"):
+        single = np.asarray(attend(q, k, v, bias))
+        with jax.set_mesh(mesh):
+            args = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in (q, k, v, bias)]
+            compiled = attend.lower(*args).compile()
+            got = compiled(*args)
+    np.testing.assert_allclose(np.asarray(got), single, rtol=1e-5, atol=1e-6)
+    assert got.sharding.spec[0] is not None, "the output lost the batch sharding"
+    hlo = compiled.as_text()
+    assert "while" in hlo, "expected the rows to be attended in a loop"
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, "rows moved between devices"
+    matmuls = 4 * b * h * l * l * d  # q k^T and p v
+    looped = flops_of(jax.jit(lambda *a: layers.dot_product_attention(*a)).lower(q, k, v).compile().cost_analysis())
+    assert looped < matmuls / 4  # the loop body (one row) counted once
+    counted = counted_flops(lambda *a: layers.dot_product_attention(*a), q, k, v)
+    assert matmuls <= counted < 1.5 * matmuls
+
+
 def test_chunked_lm_loss_equals_the_whole_sequence_loss_and_its_gradient():
     """The training loss formed `chunk` positions at a time (logits rematerialised) equals the one-shot loss."""
     from stts_jax.model.vlm import lm_loss, lm_loss_from_hidden

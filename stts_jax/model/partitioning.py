@@ -56,6 +56,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, dict(mesh.shape)))
 
 
+def batch_shards(rows: int) -> int:
+    """Returns how many shards an axis of `rows` batch rows is split into under the current mesh (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec(("batch",), (rows,), dict(mesh.shape))[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def under_mesh(jitted: Callable, mesh) -> Callable:
     """Returns `jitted` run under `jax.set_mesh(mesh)` (so `constrain` applies), or `jitted` itself without a mesh;
     the wrapper keeps the jitted function's compilation count (`_cache_size`)."""

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from stts_jax import geometry
+from stts_jax.model import layers
 from stts_jax.model.vlm import Molmo2VLM
 from stts_jax.train import sharding
 from stts_jax.train.optim import make_optimizer
@@ -226,7 +227,17 @@ def unsharded(tree):
 def global_flops(graphdef, optimizer, layout, cfg, state, batch) -> float:
     """Returns XLA's FLOPs of the whole train step (global batch; the accumulation loop body counted once)."""
     step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed)
-    lowered = step_fn.trace(unsharded(state), unsharded(batch)).lower(lowering_platforms=("cpu",))
+    return counted_flops(step_fn, unsharded(state), unsharded(batch), lowering_platforms=("cpu",))
+
+
+def counted_flops(fn, *args, lowering_platforms: tuple[str, ...] | None = None) -> float:
+    """Returns XLA's FLOPs of `fn` (a jitted function, or a plain one) for `args`, with every attention tile
+    counted: traced afresh with attention as one tile (`layers.one_tile`; XLA counts a loop body once)."""
+    inner = getattr(fn, "__wrapped__", fn)
+    fresh = jax.jit(lambda *a: inner(*a))  # a new function: jax's trace cache cannot serve a normal trace
+    with layers.one_tile():
+        traced = fresh.trace(*args)
+    lowered = traced.lower(lowering_platforms=lowering_platforms) if lowering_platforms else traced.lower()
     return flops_of(lowered.cost_analysis())
 
 

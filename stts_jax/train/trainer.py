@@ -326,9 +326,9 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
 
 def step_flops(step_fn, state, batch) -> float:
     """Returns XLA's FLOP count of one train step (for MFU)."""
-    from stts_jax.train.estimate import flops_of
+    from stts_jax.train.estimate import counted_flops
 
     try:  # the lowered program's estimate: no second compilation
-        return flops_of(step_fn.lower(state, batch).cost_analysis())
+        return counted_flops(step_fn, state, batch)
     except Exception:  # cost analysis is best effort
         return 0.0
