@@ -23,8 +23,9 @@ weights (our random model exported by `export_hf`, loaded by `Molmo2ForCondition
 and the same inputs (the video as transformers' processor lays it out: flat frames, `video_token_pooling`,
 `video_grids`, `mm_token_type_ids`), logits checked equal first. Rounds interleave the three programs
 (transformers unpruned, ours unpruned, ours STTS at 0.5, or the largest --ratios given) so machine noise hits all alike;
-prints median forward and train-step times, the ratios, and achieved GFLOP/s (our XLA FLOP count of the
-unpruned model / time) against a float32 matmul measured in the same process:
+prints median forward and train-step times, the ratios, and achieved GFLOP/s (our XLA FLOP count / time: the
+unpruned model for ours and transformers, the packed path without its fallback for STTS) against a float32
+matmul measured in the same process:
 
   OMP_WAIT_POLICY=PASSIVE python launch/benchmark.py --peer --frames=16,32,64 --csv=peer.csv
 """
@@ -401,11 +402,11 @@ def run_peer(cfg) -> list[dict]:
         if not diff <= 1e-4 * max(1.0, float(np.abs(ref).max())):
             raise SystemExit(f"ours and transformers disagree at {frames} frames: max |logits diff| {diff:.2e}")
         flops = dict(fwd=counted_flops(ours.fns(True)["fwd"], ours.state, dev),
-                     fwd_p=counted_flops(pruned.fns(True)["fwd"], pruned.state, pdev))
+                     fwd_p=counted_flops(pruned.fns(False)["fwd"], pruned.state, pdev))  # packed path (no cond)
         programs = dict(hf_fwd=hf_fwd, fwd=lambda: fwd_u(ours.state, dev), fwd_p=lambda: fwd_p(pruned.state, pdev))
         if _TRAIN.value:
             flops.update(train=counted_flops(ours.fns(True)["train"], ours.state, dev),
-                         train_p=counted_flops(pruned.fns(True)["train"], pruned.state, pdev))
+                         train_p=counted_flops(pruned.fns(False)["train"], pruned.state, pdev))
             programs.update(hf_train=hf_train, train=lambda: train_u(ours.state, dev),
                             train_p=lambda: train_p(pruned.state, pdev))
         for fn in programs.values():  # compile + warm up

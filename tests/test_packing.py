@@ -202,3 +202,21 @@ def test_benchmark_script_reports_ratios(tmp_path):
     assert float(half["pruned_fwd_flops"]) < float(half["unpruned_fwd_flops"])
     assert float(half["pruned_llm_flops"]) < float(half["unpruned_llm_flops"])
     assert float(rows[0]["pruned_fwd_flops"]) == float(rows[0]["unpruned_fwd_flops"])  # ratio 0 = unpruned
+
+
+def test_peer_benchmark_matches_transformers_and_reports_both(tmp_path):
+    """--peer: our random model exported, loaded by transformers, logits checked equal, both timed."""
+    import csv
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "launch/benchmark.py", "--config=configs/bench_cpu.py", "--peer",
+                          "--frames=2", "--notrain", "--repeats=1", "--warmup=0", f"--csv={tmp_path / 'p.csv'}"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert float(row["logits_diff"]) <= 1e-4
+    assert float(row["ratio"]) == 0.5
+    for key in ("hf_fwd_s", "fwd_s", "fwd_p_s", "matmul_gflops"):
+        assert float(row[key]) > 0, key
+    assert 0 < float(row["fwd_p_flops"]) < float(row["fwd_flops"])
