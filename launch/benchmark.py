@@ -25,7 +25,8 @@ and the same inputs (the video as transformers' processor lays it out: flat fram
 (transformers unpruned, ours unpruned, ours STTS at 0.5, or the largest --ratios given) so machine noise hits all alike;
 prints median forward and train-step times, the ratios, and achieved GFLOP/s (our XLA FLOP count / time: the
 unpruned model for ours and transformers, the packed path without its fallback for STTS) against a float32
-matmul measured in the same process:
+matmul measured in the same process, and which path the pruned ViT took (a keep pattern that does not fit
+the packed rows runs the masked fallback, at about the unpruned ViT's cost):
 
   OMP_WAIT_POLICY=PASSIVE python launch/benchmark.py --peer --frames=16,32,64 --csv=peer.csv
 """
@@ -420,6 +421,7 @@ def run_peer(cfg) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(t) for name, t in times.items()}
         row = dict(frames=frames, ratio=ratio, logits_diff=diff, matmul_gflops=peak, repeats=_REPEATS.value,
+                   packed=packed_path_taken(pruned, pdev),
                    **{f"{k}_s": v for k, v in med.items()}, **{f"{k}_flops": v for k, v in flops.items()})
         rows.append(row)
         print_peer_row(row, header=len(rows) == 1)
@@ -429,11 +431,25 @@ def run_peer(cfg) -> list[dict]:
     return rows
 
 
+def packed_path_taken(subject: Subject, batch: dict) -> bool:
+    """Returns whether the pruned forward ran its packed path on `batch` (False: the keep pattern did not fit
+    the packed rows, and the masked fallback ran, at about the unpruned ViT's cost)."""
+    cfg, layout = subject.cfg, subject.layout
+
+    def overflow(state, pixels):
+        mask = jnp.ones(pixels.shape[:2], bool)
+        keep = subject.model(state).vision_features(pixels, mask, layout)[2]["keep"]
+        rows = pruning.pack_rows(geometry.row_vision_tokens(cfg, layout), tokens_per_frame(cfg), cfg.stts.pack_slack)
+        return pruning.plan_packing(keep, rows).overflow.any()
+
+    return not bool(jax.jit(overflow)(subject.state, batch["pixel_values"]))
+
+
 def print_peer_row(r: dict, header: bool) -> None:
     """Prints one --peer row: medians (ms), speed relative to transformers unpruned, GFLOP/s."""
     if header:
         print("frames | kind  | transformers ms | ours ms | ours STTS ms | ours / tf | STTS / tf | STTS / ours | "
-              "ours GFLOP/s (% of matmul) | tf GFLOP/s | STTS GFLOP/s | max |logits diff|")
+              "ours GFLOP/s (% of matmul) | tf GFLOP/s | STTS GFLOP/s | max |logits diff| | STTS path")
     for kind in ("fwd", "train"):
         if f"{kind}_s" not in r:
             continue
@@ -442,7 +458,8 @@ def print_peer_row(r: dict, header: bool) -> None:
         print(f"{r['frames']:>6} | {kind:<5} | {1e3 * tf:>15.1f} | {1e3 * u:>7.1f} | {1e3 * p:>12.1f} | "
               f"{tf / u:>8.2f}x | {tf / p:>8.2f}x | {u / p:>10.2f}x | "
               f"{gf(r[f'{kind}_flops'], u):>8.1f} ({100 * gf(r[f'{kind}_flops'], u) / r['matmul_gflops']:.0f}%) | "
-              f"{gf(r[f'{kind}_flops'], tf):>10.1f} | {gf(r[f'{kind}_p_flops'], p):>12.1f} | {r['logits_diff']:.1e}",
+              f"{gf(r[f'{kind}_flops'], tf):>10.1f} | {gf(r[f'{kind}_p_flops'], p):>12.1f} | {r['logits_diff']:.1e} | "
+              f"{'packed' if r['packed'] else 'masked fallback'}",
               flush=True)
 
 

@@ -177,23 +177,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     b, lq, h, d = q.shape
     if query_chunk is None:
         query_chunk = default_query_chunk() if lq > LONG_SEQUENCE else lq
+    chunk = min(query_chunk, lq)
+    shards, steps, per_step = row_tiles(b, 4 * h * chunk * k.shape[1])
+    if _ONE_TILE[0]:
+        attend = _attention_tile if steps == 1 and chunk == lq else jax.checkpoint(_attention_tile, static_argnums=5)
+        return attend(q, k, v, mask, key_bias, lq)
+    if steps == 1:
+        return _attention_tile(q, k, v, mask, key_bias, chunk)
+
+    def split(t):  # [B, ...] -> [steps, shards * per_step, ...]: step i holds rows i*per_step.. of every shard
+        if t is None:
+            return None
+        t = t.reshape(shards, steps, per_step, *t.shape[1:]).swapaxes(0, 1)
+        return t.reshape(steps, shards * per_step, *t.shape[3:])
+
+    # the heads-major layout is formed inside each step, on a tile that stays in cache
+    step = jax.checkpoint(lambda a: _attention_tile(*a, chunk))
+    out = jax.lax.map(step, (split(q), split(k), split(v), split(mask), split(key_bias)))
+    return out.reshape(steps, shards, per_step, *out.shape[2:]).swapaxes(0, 1).reshape(b, *out.shape[2:])
+
+
+def _attention_tile(q, k, v, mask, key_bias, chunk: int) -> jax.Array:
+    """Returns dot_product_attention of one tile of rows (q [B, Lq, H, d] ... -> [B, Lq, H, d]), heads-major
+    inside, `chunk` queries at a time."""
+    b, lq, h, d = q.shape
     hkv = k.shape[2]
     q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, lq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, d]
-    chunk = min(query_chunk, lq)
-    shards, steps, per_step = row_tiles(b, 4 * h * chunk * k.shape[2])
-    if _ONE_TILE[0]:
-        out = (jax.checkpoint(_attend) if steps > 1 or chunk < lq else _attend)(q, k, v, mask, key_bias)
-    elif steps == 1:
-        out = _attend_chunked(q, k, v, mask, key_bias, chunk)
-    else:  # each step: `per_step` rows of every shard, so no row leaves its device
-        def split(t):
-            if t is None:
-                return None
-            t = t.reshape(shards, steps, per_step, *t.shape[1:]).swapaxes(0, 1)
-            return t.reshape(steps, shards * per_step, *t.shape[3:])
-
-        step = jax.checkpoint(lambda a: _attend_chunked(*a, chunk))
-        out = jax.lax.map(step, (split(q), split(k), split(v), split(mask), split(key_bias)))
-        out = out.reshape(steps, shards, per_step, *out.shape[2:]).swapaxes(0, 1).reshape(b, *out.shape[2:])
+    out = _attend_chunked(q, k, v, mask, key_bias, chunk)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
