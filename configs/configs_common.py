@@ -2,15 +2,15 @@
 
 import ml_collections
 
-VARIANTS = ("scorer", "random", "none", "noaux", "nobias", "r0.3", "r0.5", "r0.8")
+VARIANTS = ("scorer", "evs", "random", "none", "noaux", "nobias", "r0.3", "r0.5", "r0.8")
 
 
 def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Returns cfg with an ablation applied: scorer (default) | random | none | noaux | nobias | r<ratio>."""
+    """Returns cfg with an ablation applied: scorer (default) | evs | random | none | noaux | nobias | r<ratio>."""
     arg = arg or "scorer"
     st = cfg.model.stts
     for part in arg.split(","):
-        if part in ("scorer", "random", "none"):
+        if part in ("scorer", "evs", "random", "none"):
             st.method = part
         elif part == "noaux":
             st.aux_loss_weight = 0.0

@@ -4,7 +4,7 @@
   python launch/train.py --config=configs/demo.py:scorer,r0.5 --workdir=demo_out/runs/stts_0.5 \\
       --config.data.path=demo_out/data/tfds
 
-Variants by argument (comma-separated, as configs/configs_common.py): scorer | random | none, r<ratio>,
+Variants by argument (comma-separated, as configs/configs_common.py): scorer | evs | random | none, r<ratio>,
 noaux, nobias. 126 px frames (9x9 patches, 9 windows = 9 LLM tokens per frame), 8 frames per clip (Molmo2's
 2 fps sampling of the 4 s clips), 8 videos per step on the host's CPU cores.
 """

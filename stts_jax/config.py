@@ -93,14 +93,14 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-STTS_METHODS = ("scorer", "random", "none")
+STTS_METHODS = ("scorer", "evs", "random", "none")
 
 
 def stts_config(**overrides) -> ml_collections.ConfigDict:
     """Returns STTS settings (spec §8 knobs); defaults are the paper's: scorer, ratio 0.5, prune_at 3, λ 0.5."""
     cfg = ml_collections.ConfigDict(
         dict(
-            method="scorer",  # scorer | random | none
+            method="scorer",  # scorer | evs (training-free: 1 - cos to the previous frame) | random | none
             prune_ratio=0.5,
             prune_at=3,  # the scorer reads the output of this ViT block; block prune_at+1 gets the log-score bias
             aux_loss_weight=0.5,

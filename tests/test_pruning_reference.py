@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from stts_jax.geometry import window_patch_ids
-from stts_jax.model.pruning import (FrameLayout, key_bias, pair_with_previous, protected_frames, prune_count,
-                                    rescale_scores, select_windows, temporal_loss)
+from stts_jax.model.pruning import (FrameLayout, evs_scores, key_bias, pair_with_previous, protected_frames,
+                                    prune_count, rescale_scores, select_windows, temporal_loss)
 
 FLOOR = math.exp(-2)
 ATOL = 1e-5
@@ -597,3 +597,39 @@ def test_temporal_loss_zero_window_has_finite_gradients(target_grad):
     outside = np.ones(hidden.shape[:3], bool)
     outside[0, 4:7, patches.reshape(-1)] = False  # that window in frame 5 and its neighbours 4 and 6
     np.testing.assert_allclose(g_zero[outside], g_other[outside], rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EVS (training-free baseline): 1 - cos to the same window of the previous frame of the video
+# ----------------------------------------------------------------------------------------------------------------
+
+def ref_evs_scores(hidden, groups, grid, pool):
+    """[F, W] float64: 1 - cos(window f, window f-1) inside each group; 1 on every group's first frame."""
+    vec = ref_window_vectors(hidden, grid, pool)
+    scores = np.ones(vec.shape[:2])
+    for _, start, T in ref_groups(groups):
+        for f in range(start + 1, start + T):
+            for w in range(vec.shape[1]):
+                scores[f, w] = 1.0 - ref_cos(vec[f - 1, w], vec[f, w])
+    return scores
+
+
+@pytest.mark.parametrize("groups,ratio,gp", [(g, r, GRIDS[i % 3]) for i, (g, r) in
+                                             enumerate(cases(LAYOUTS, [0.5, 0.8]))])
+def test_evs_scores_and_selection_match_reference(groups, ratio, gp):
+    grid, pool = gp
+    layout = make_layout(groups)
+    F, W = layout.num_frames, math.ceil(grid / pool) ** 2
+    rng = np.random.default_rng(7 * F + grid)
+    hidden = rng.normal(size=(B, F, grid * grid, 4)).astype(np.float32)
+    hidden[:, 1:] = (0.8 * hidden[:, :-1] + 0.2 * hidden[:, 1:]).astype(np.float32)  # similar neighbours
+    got = np.asarray(evs_scores(jnp.asarray(hidden), layout, grid=grid, pool=pool))
+    keep = np.asarray(select_windows(jnp.asarray(got), layout, ratio=ratio))
+    for b in range(B):
+        want = ref_evs_scores(hidden[b], groups, grid, pool)
+        np.testing.assert_allclose(got[b], want, atol=ATOL, err_msg=f"row {b}")
+        np.testing.assert_array_equal(keep[b], ref_select(got[b], groups, ratio, 0), err_msg=f"row {b}")
+        for kind, start, T in ref_groups(groups):  # exact counts; the first frame of a video stays whole
+            if kind == "video":
+                assert keep[b, start].all()
+                assert keep[b, start:start + T].sum() == W * T - ref_prune_count(T, W, ratio)

@@ -28,7 +28,7 @@ def core_twin(model):
     return core
 
 
-@pytest.mark.parametrize("method", ["scorer", "random", "none"])
+@pytest.mark.parametrize("method", ["scorer", "evs", "random", "none"])
 def test_ratio_zero_is_the_core_model_exactly(method):
     cfg = stts_tiny_config(method=method, prune_ratio=0.0)
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(0))
@@ -185,6 +185,18 @@ def test_scorer_gradients_flow_from_lm_via_bias_and_from_aux():
     assert norm(g_aux) > 0
 
 
+def test_evs_trains_as_an_ablation_without_a_scorer():
+    """method evs in training (an ablation): no scorer, finite gradients that reach the ViT blocks up to the
+    pruning point (EVS selection reads stop-gradient states and passes no gradient of its own)."""
+    cfg = stts_tiny_config(method="evs", prune_ratio=0.5)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(6))
+    batch, layout = stts_batch(cfg, [4, 3], seed=6)
+    loss, grads = loss_and_grad_fn(model, layout)(nnx.state(model), as_jnp(batch))
+    assert model.scorer is None and "scorer" not in grads and np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
+    assert norm(grads["vit"]["blocks"][0]) > 0
+
+
 def test_bias_path_gradient_matches_finite_differences():
     """Directional derivative along the scorer's output bias: shifts every logit, so the ranking (and the
     hard selection) stays fixed while the rescaled bias s~ moves."""
@@ -301,6 +313,27 @@ def test_random_method_needs_rng_and_prunes_counts():
     assert model.scorer is None and float(aux["temporal_loss"]) == 0.0
 
 
+@pytest.mark.parametrize("execution", ["masked", "packed"])
+def test_evs_drops_the_windows_that_did_not_change(execution):
+    """A video whose frame 1 repeats frame 0 exactly: EVS (no scorer, no rng) drops all of frame 1 first (cos = 1),
+    then the least-changed windows of frame 2; the same weights unpruned give the same tokens for kept windows."""
+    cfg = stts_tiny_config(method="evs", prune_ratio=0.5, execution=execution)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(4))
+    assert model.scorer is None
+    batch, layout = stts_batch(cfg, [3])
+    batch["pixel_values"][0, 1] = batch["pixel_values"][0, 0]
+    check_batch(batch, cfg, layout)
+    tokens, valid, aux = vision_tokens(model, batch, layout)  # no rng needed
+    keep, scores = np.asarray(aux["keep"])[0], np.asarray(aux["scores"])[0]
+    k = pruning.prune_count(3, W, 0.5)  # 13: all 9 windows of frame 1 and the 4 least-changed of frame 2
+    assert keep[0].all() and not keep[1].any() and keep[2].sum() == 2 * W - k
+    np.testing.assert_allclose(scores[1], 0.0, atol=1e-5)
+    assert set(np.flatnonzero(~keep[2])) == set(np.argsort(scores[2], kind="stable")[: k - W])
+    assert float(aux["temporal_loss"]) == 0.0 and tokens.shape[1] == 3 * W - k
+    _, _, again = vision_tokens(model, batch, layout)
+    np.testing.assert_array_equal(np.asarray(again["keep"]), np.asarray(aux["keep"]))  # deterministic
+
+
 def test_remat_gives_the_same_gradients():
     cfg = stts_tiny_config(prune_ratio=0.5, execution="packed")
     batch, layout = stts_batch(cfg, [4, 3], seed=11)
@@ -315,7 +348,7 @@ def test_remat_gives_the_same_gradients():
 
 # ------------------------------------------------------------------------------- batch rows are independent
 
-ROW_METHODS = [("none", "masked"), ("scorer", "masked"), ("scorer", "packed")]
+ROW_METHODS = [("none", "masked"), ("scorer", "masked"), ("scorer", "packed"), ("evs", "packed")]
 ROW_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -403,7 +436,7 @@ def test_empty_slot_before_the_video_changes_nothing(method, execution):
     if method != "none":
         np.testing.assert_array_equal(aux["keep"][:, 2:], aux_1["keep"])
         np.testing.assert_allclose(aux["temporal_loss"], aux_1["temporal_loss"], rtol=1e-5)
-        assert float(aux_1["temporal_loss"]) > 0
+        assert (float(aux_1["temporal_loss"]) > 0) == (method == "scorer")  # only the scorer has the aux loss
 
 
 @pytest.mark.parametrize("method,execution", ROW_METHODS)

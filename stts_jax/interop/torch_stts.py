@@ -203,9 +203,9 @@ class STTSMolmo2(nn.Module):
                              persistent=False)
         self.layout_ids = [self.tokens[name] for name in VISION_LAYOUT_TOKENS if name in self.tokens]
         self.end_marker_ids = (self.tokens["frame_end_id"], self.tokens["image_end_id"])
-        if self.stts.get("method", "none") == "random":
-            raise ValueError("stts.method='random' draws its windows with JAX; the PyTorch twin serves 'scorer' "
-                             "or 'none'")
+        if self.stts.get("method", "none") not in ("scorer", "none"):
+            raise ValueError(f"stts.method={self.stts['method']!r} is not served by the PyTorch twin ('random' draws "
+                             "its windows with JAX; 'evs' is an evaluation baseline): it serves 'scorer' or 'none'")
         if self.stts.get("method") == "scorer" and scorer is None:
             raise ValueError("stts.method='scorer' needs the scorer weights (stts_scorer.safetensors)")
 

@@ -159,6 +159,24 @@ def temporal_similarity(hidden: jax.Array, pairs: np.ndarray, grid: int, pool: i
     return dot / (norm[:, pairs - 1] * norm[:, pairs])
 
 
+def evs_scores(hidden: jax.Array, layout: FrameLayout, *, grid: int, pool: int) -> jax.Array:
+    """Returns EVS scores [B, F, W] = 1 - cos(window, the same window of the previous frame of its video).
+
+    The training-free baseline (vLLM's Efficient Video Sampling): windows that changed most since the previous
+    frame rank highest (kept). hidden [B, F, N, D] are the pruning block's outputs, the states the scorer reads;
+    windows compare as the temporal target does (`temporal_similarity`). First frames of videos have no
+    predecessor and score 1; selection never ranks them anyway (protected, as for every method).
+    """
+    prev = _previous_frame_index(layout, "per-video")
+    pairs = np.flatnonzero(prev >= 0)
+    b, f = hidden.shape[:2]
+    scores = jnp.ones((b, f, len(window_patch_ids(grid, pool))), jnp.float32)
+    if pairs.size == 0:
+        return scores
+    change = 1.0 - temporal_similarity(jax.lax.stop_gradient(hidden), pairs, grid, pool)  # [B, P, W]
+    return scores.at[:, pairs].set(change)
+
+
 def temporal_loss(scores: jax.Array, hidden: jax.Array, layout: FrameLayout, *, grid: int, pool: int,
                   ratio: float, prune_from_frame: int = 0, pairing: str = "per-video",
                   target_grad: str = "stop", frame_mask: jax.Array | None = None) -> jax.Array:

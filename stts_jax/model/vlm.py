@@ -181,6 +181,8 @@ class Molmo2VLM(nnx.Module):
             rows_x = x.reshape(b, f, n, -1)
             if st.method == "scorer":
                 scores = self.scorer(rows_x, layout, st.pairing)
+            elif st.method == "evs":
+                scores = pruning.evs_scores(rows_x, layout, grid=grid, pool=pool)
             else:
                 if rng is None:
                     raise ValueError("stts.method='random' needs an rng key")
