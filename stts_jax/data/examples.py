@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from stts_jax.data.isolated import IsolatedDecoder, decode_patches
-from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, format_answer, format_question
+from stts_jax.data.processor import (Molmo2TextEncoder, PromptFormat, format_answer, format_question,
+                                     template_for)
 from stts_jax.data.video import VideoDecodeError
 
 DECODE_TIMEOUT_S = 600.0  # a whole hour of 1080p decodes in ~5 min on one core; 0 = decode in this process
@@ -86,7 +87,8 @@ class ExampleBuilder:
         path = _str(record["video_path"])
         video = record["video"]
         options = [_str(o) for o in record["options"]]  # fields first: a bad record costs no decoding
-        question = format_question(_str(record["question"]), options)
+        question = format_question(_str(record["question"]), options,
+                                   template_for(_str(record.get("benchmark", b""))))
         answer = format_answer(_str(record["answer"]), options, int(record["answer_index"]))
         frames, timestamps = self._decode(
             name=path, src=video if len(video) else path, num_frames=self.num_frames, max_fps=self.max_fps,

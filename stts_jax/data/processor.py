@@ -16,7 +16,8 @@ Prompt (what `Molmo2Processor` + the Molmo2 chat template produce for one video 
 with bos = eos = "<|im_end|>" in the Qwen3-based Molmo2 tokenizer. Without pruning k_i = W (81); with STTS each
 video reserves W*T - K placeholders in total, spread by `stts_jax.geometry.placeholders_per_frame`.
 Multiple-choice questions are rendered by `format_question` (options as "A. ...", one per line, then an
-instruction to answer with the letter) and answered with the letter.
+instruction to answer with the letter; Molmo2's own wording for Video-MME and MVBench records) and answered with
+the letter.
 """
 
 from __future__ import annotations
@@ -182,13 +183,35 @@ def preprocess_frames(frames: np.ndarray, size: int, patch: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------- text
 
-def format_question(question: str, options: Sequence[str] | None = None) -> str:
-    """Returns the user text: the question, plus "A. option" lines and the letter instruction when multiple-choice."""
+# Multiple-choice prompt wording per benchmark (allenai/molmo2 olmo/data/academic_video_datasets.py: Video-MME's
+# `question_template`, MVBench's `qa_template`); every other benchmark and our own data use MC_INSTRUCTION (also
+# Molmo2's MLVU wording). Options are always "A. option" lines.
+PROMPT_TEMPLATES = ("default", "videomme", "mvbench")
+
+
+def template_for(benchmark: str) -> str:
+    """Returns the prompt template of a record's `benchmark` field ("" or unknown names: "default")."""
+    return benchmark if benchmark in PROMPT_TEMPLATES else "default"
+
+
+def format_question(question: str, options: Sequence[str] | None = None, template: str = "default") -> str:
+    """Returns the user text: the question, plus "A. option" lines and the template's instruction when
+    multiple-choice (`template`: one of PROMPT_TEMPLATES; open questions are the question alone)."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template must be one of {PROMPT_TEMPLATES}, got {template!r}")
     if not options:
         return question
     if len(options) > len(OPTION_LETTERS):
         raise ValueError(f"at most {len(OPTION_LETTERS)} options, got {len(options)}")
     lines = [f"{OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    if template == "videomme":
+        letters = list(OPTION_LETTERS[: len(options)])
+        choices = ", ".join(letters[:-1]) + (", or " if len(letters) > 2 else " or ") + letters[-1]
+        head = ("Select the best answer to the following multiple-choice question based on the video. Respond with "
+                f"only the letter ({choices}) of the correct option.")
+        return "\n".join([head, question, *lines, "The best answer is:"])
+    if template == "mvbench":
+        return "\n".join([question, *lines, "Please respond with only the letter of the correct answer."])
     return "\n".join([question, *lines, MC_INSTRUCTION])
 
 

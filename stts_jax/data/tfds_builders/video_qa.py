@@ -16,6 +16,10 @@ Each line of a JSONL file:
    "answer_index": 1,                    required with options: index of the correct option
    "kind": "direction"}                  optional tag (question type), kept for per-kind metrics
 
+Optional string fields kept for benchmark scores (`launch/prepare_benchmark.py` writes them): "benchmark",
+"task", "duration_group" (e.g. Video-MME's short / medium / long) and "video_id" (questions on one video are one
+cluster for standard errors); "" when absent.
+
 Other keys are ignored. Multiple-choice questions are rendered for the model by
 `stts_jax.data.processor.format_question` (options as "A. ..." lines) and answered with the option's letter.
 
@@ -44,6 +48,7 @@ from stts_jax.data.processor import OPTION_LETTERS
 from stts_jax.data.video import VideoDecodeError, probe_video
 
 SPLITS = ("train", "validation", "test")
+BENCHMARK_FIELDS = ("benchmark", "task", "duration_group", "video_id")  # optional strings, "" when absent
 ON_ERROR = ("skip", "fail")
 
 
@@ -100,7 +105,8 @@ def parse_annotation(line: str, where: str, default_id: str) -> dict:
         _nonempty(answer, "answer", where)
     return dict(id=_nonempty(raw.get("id", default_id), "id", where), video=_nonempty(raw["video"], "video", where),
                 question=_nonempty(raw["question"], "question", where), answer=_text(answer, "answer", where),
-                options=options, answer_index=int(index), kind=_text(raw.get("kind", ""), "kind", where))
+                options=options, answer_index=int(index), kind=_text(raw.get("kind", ""), "kind", where),
+                **{field: _text(raw.get(field, ""), field, where) for field in BENCHMARK_FIELDS})
 
 
 class VideoQa(tfds.core.GeneratorBasedBuilder):
@@ -139,6 +145,7 @@ class VideoQa(tfds.core.GeneratorBasedBuilder):
             "options": tfds.features.Sequence(tfds.features.Text()),
             "answer_index": tfds.features.Scalar(dtype=np.int32, doc="-1 for open questions"),
             "kind": tfds.features.Text(),
+            **{field: tfds.features.Text() for field in BENCHMARK_FIELDS},
             "num_frames": tfds.features.Scalar(dtype=np.int32, doc="frames the container declares"),
             "fps": tfds.features.Scalar(dtype=np.float32),
             "width": tfds.features.Scalar(dtype=np.int32),
@@ -209,6 +216,7 @@ class VideoQa(tfds.core.GeneratorBasedBuilder):
                 index=number, id=ann["id"], video=video, video_path=os.path.abspath(path),
                 question=ann["question"], answer=ann["answer"], options=ann["options"],
                 answer_index=ann["answer_index"], kind=ann["kind"], num_frames=probe.num_frames,
+                **{field: ann[field] for field in BENCHMARK_FIELDS},
                 fps=probe.fps, width=probe.width, height=probe.height)
         if bar is not None:
             bar.close()
