@@ -3,6 +3,11 @@
   python launch/estimate.py --config=configs/molmo2_4b_stts.py:scorer --chips=8,64,256 --platform=tpu --tpu=v5p
   python launch/estimate.py --config=configs/molmo2_4b_stts.py:none --config.data.num_frames=128 --csv=est.csv
   python launch/estimate.py --config=configs/tiny_train.py --chips=8 --platform=cpu --keep_batch
+  python launch/estimate.py --config=configs/molmo2_4b_stts.py:scorer --config.data.num_frames=64 --program=eval
+
+`--program=eval` estimates the evaluation forward instead (`stts_jax.train.estimate.estimate_eval`: the program
+launch/eval.py runs per batch, parameters restored onto the mesh, `--videos_per_device` one-video rows per device,
+no optimizer state); its FLOPs are the forward's.
 
 For every chip count it builds the trainer's state abstractly (no weights: `nnx.eval_shape`, sharded
 ShapeDtypeStructs from the logical-axis rules, the optimizer state's shardings from compiling
@@ -56,6 +61,9 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense bf16 TFLOP/s per chi
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOP utilisation assumed for the step time.")
 _PACKED_FLOPS = flags.DEFINE_bool("packed_flops", True, "Also lower the packed path alone (execution=packed).")
 _CSV = flags.DEFINE_string("csv", None, "Append the rows to this CSV (header written if new).")
+_PROGRAM = flags.DEFINE_enum("program", "train", ["train", "eval"],
+                             "train: the train step; eval: the evaluation forward (launch/eval.py's program: "
+                             "parameters only, one micro-batch of one-video rows, no accumulation).")
 _CHILD = flags.DEFINE_integer("child_chips", 0, "Internal: estimate this chip count in-process, print JSON.")
 
 # bf16 peak TFLOP/s and HBM GiB per chip (public spec sheets)
@@ -125,16 +133,28 @@ def run_child(chips: int) -> dict:
     data, fsdp, tensor = mesh_axes(_MESH.value, cfg, chips)
     embed_dims = model_embed_dims(cfg.model) if fsdp == 0 else ()
     mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, embed_dims=embed_dims)
+    evaluating = _PROGRAM.value == "eval"
     if not _KEEP_BATCH.value:
-        cfg = estimate.scale_batch(cfg, mesh.shape["data"] * mesh.shape["fsdp"], global_batch=_GLOBAL_BATCH.value,
-                                   videos_per_device=_VIDEOS_PER_DEVICE.value, text_tokens=_TEXT_TOKENS.value)
-    est = estimate.estimate_step(cfg, mesh, packed_flops=_PACKED_FLOPS.value)
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        cfg = estimate.scale_batch(cfg, dp, global_batch=dp * _VIDEOS_PER_DEVICE.value if evaluating
+                                   else _GLOBAL_BATCH.value, videos_per_device=_VIDEOS_PER_DEVICE.value,
+                                   text_tokens=_TEXT_TOKENS.value)
+    if evaluating:
+        from stts_jax.train.evaluate import eval_seq_len
+
+        # the row length evaluate() packs one example into (pruned with STTS), not the training row
+        cfg.data.seq_len = eval_seq_len(cfg.model, cfg.data.num_frames, cfg.model.stts.method,
+                                        cfg.model.stts.prune_ratio)
+        est = estimate.estimate_eval(cfg, mesh)
+    else:
+        est = estimate.estimate_step(cfg, mesh, packed_flops=_PACKED_FLOPS.value)
     st = cfg.model.stts
     return dict(
         est.__dict__, device=kind, frames=cfg.data.num_frames, method=st.method,
         execution=st.execution if st.method != "none" else "-", remat=bool(cfg.model.get("remat", False)),
         videos_per_micro=cfg.data.videos_per_batch, grad_accum=cfg.train.grad_accum,
-        global_videos=cfg.data.videos_per_batch * cfg.train.grad_accum, seq_len=cfg.data.seq_len)
+        global_videos=cfg.data.videos_per_batch * cfg.train.grad_accum, seq_len=cfg.data.seq_len,
+        program=_PROGRAM.value)
 
 
 def spawn(chips: int) -> dict:

@@ -128,3 +128,21 @@ def test_cli_refuses_bad_flags_before_compiling(args, message):
     out = subprocess.run([sys.executable, "launch/estimate.py", "--config=configs/tiny_train.py", *args],
                          capture_output=True, text=True, timeout=60, cwd=root)
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_eval_estimate_holds_the_restored_parameters_and_a_forward(tmp_path):
+    """--program=eval: parameter bytes per device equal a checkpoint restored onto the mesh by load_model (what
+    launch/eval.py runs), the program compiles on the 8-device mesh, and it costs a forward: between 1/6 and 1/2 of
+    the train step's FLOPs (forward + backward + update) at the same batch."""
+    from stts_jax.interop import params_io
+    from stts_jax.model.vlm import Molmo2VLM
+
+    cfg = estimate.scale_batch(tiny_cfg(), 8, global_batch=8, videos_per_device=1, text_tokens=32)
+    mesh = sharding.make_mesh(2, 4, 1)
+    est = estimate.estimate_eval(cfg, mesh)
+    params_io.save_model(str(tmp_path / "ckpt"), Molmo2VLM(cfg.model, rngs=nnx.Rngs(0)))
+    restored = params_io.load_model(str(tmp_path / "ckpt"), mesh=mesh)
+    assert est.params_bytes == max(estimate.actual_per_device_bytes(nnx.state(restored)).values())
+    assert est.opt_bytes == 0 and est.compile_error is None and est.temp_bytes > 0 and est.peak_bytes > 0
+    train = estimate.estimate_step(cfg, mesh, packed_flops=False)
+    assert train.flops_step / 6 < est.flops_step < train.flops_step / 2, (est.flops_step, train.flops_step)

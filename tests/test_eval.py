@@ -154,3 +154,122 @@ def test_fine_tune_starts_from_a_training_workdir(tmp_path):
     assert records[-1]["step"] == 2 and np.isfinite(records[-1]["loss"])
     meta = params_io.saved_train_config(str(tmp_path / "stts"))
     assert meta["train"]["init_from"] == str(tmp_path / "base") and json.dumps(meta)
+
+
+def test_sharded_eval_on_eight_devices_equals_one_device(flash_set, tmp_path):
+    """Rows over an 8-device (data x fsdp) mesh, parameters restored onto it: the same prediction per example,
+    and the same counts, as one device."""
+    from stts_jax.train import sharding
+
+    data_dir, _, tok = flash_set
+    m = ev.with_stts(model("scorer"), "scorer", 0.5)
+    one = ev.evaluate(m, data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=T, rows=8, progress=False)
+    mesh = sharding.make_mesh(4, 2, 1)
+    params_io.save_model(str(tmp_path / "ckpt"), m)
+    on_mesh = params_io.load_model(str(tmp_path / "ckpt"), mesh=mesh)  # restored onto the mesh, trainer's rules
+    assert len(on_mesh.llm.lm_head.kernel[...].sharding.device_set) == 8
+    many = ev.evaluate(on_mesh, data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=T, rows=8,
+                       progress=False, mesh=mesh)
+    assert sorted(many.predictions) == sorted(one.predictions) and len(one.predictions) == 10
+    assert many.correct == one.correct and many.count == one.count
+
+
+def test_generation_scoring_reads_the_greedy_answer(flash_set):
+    """scoring='generate': each row's first generated token is the argmax over the whole vocabulary at the answer
+    position (the model run on the example alone), generation stops at <|im_end|> or max_new_tokens, and the
+    prediction is what parse_choice reads in the decoded text; both scorings give one prediction per example."""
+    from tokenizers import Tokenizer
+
+    from stts_jax.train.scoring import parse_choice
+
+    data_dir, records, tok = flash_set
+    m = ev.with_stts(model("scorer"), "evs", 0.5)
+    gen = ev.evaluate(m, data_dir, tokenizer=tok, method="evs", ratio=0.5, frames=T, rows=4, progress=False,
+                      scoring="generate", max_new_tokens=3)
+    logit = ev.evaluate(m, data_dir, tokenizer=tok, method="evs", ratio=0.5, frames=T, rows=4, progress=False)
+    assert gen.scoring == "generate" and gen.count["all"] == logit.count["all"] == 10
+    assert all(r["scoring"] == "generate" for r in gen.rows())
+    cfg = m.cfg
+    builder = ExampleBuilder(tok, image_size=cfg.vit.image_size, patch_size=cfg.vit.patch_size, num_frames=T,
+                             placeholders_per_frame=placeholders_per_frame(cfg, T))
+    source = {int(r["index"]): r for r in (dict(x) for x in _source(data_dir))}
+    eos = Tokenizer.from_file(tok).token_to_id("<|im_end|>")
+    options = {i: r["options"] for i, r in enumerate(records["validation"])}
+    for (index, pred, _), ex in zip(gen.predictions, gen.examples):
+        e = builder(source[index])
+        first = int(np.argmax(e["loss_mask"]))
+        n = first + 1  # the prompt alone
+        batch = dict(input_ids=e["input_ids"][None, :n], segment_ids=np.ones((1, n), np.int32),
+                     positions=np.arange(n, dtype=np.int32)[None], pixel_values=normalize_pixels(e["frames"])[None])
+        logits = np.asarray(m.forward(batch, FrameLayout.videos(T))[0])[0, first]
+        assert ex["tokens"][0] == int(np.argmax(logits)), index
+        assert 1 <= len(ex["tokens"]) <= 3 and (len(ex["tokens"]) == 3 or ex["tokens"][-1] == eos)
+        assert pred == ex["pred"] == parse_choice(ex["text"], options[index])
+
+
+def test_evs_needs_no_scorer_and_prunes_at_eval(flash_set):
+    """EVS on an unpruned checkpoint (no scorer): STTS's token counts, every example scored once."""
+    data_dir, records, tok = flash_set
+    m = model("none")
+    result = ev.evaluate(m, data_dir, tokenizer=tok, method="evs", ratio=0.5, frames=T, rows=4, progress=False)
+    assert result.vision_tokens == 9 * T - 9 * T // 2 and result.count["all"] == 10
+    assert sorted(i for i, _, _ in result.predictions) == list(range(10))
+    summary = result.summary()
+    assert summary["overall"]["count"] == 10 and summary["per_task"]["flash_colour"]["count"] == 10
+
+
+def test_benchmark_end_to_end_scores_like_the_always_a_oracle(tmp_path, bikes_mp4):
+    """A Video-MME parquet in the upstream layout -> prepare_benchmark -> video_qa -> evaluate with a model whose
+    logits are all zero (it always answers A): per duration, per task and overall accuracy equal the fixture's
+    share of A answers, questions on one video are one cluster, and the prompt is Molmo2's Video-MME wording."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenizers import Tokenizer
+
+    from stts_jax.data import benchmarks
+    from stts_jax.data.processor import format_question
+    from stts_jax.data.tokenizer import build_word_tokenizer, words_of
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for v in ("vA", "vB", "vC"):
+        shutil.copy(bikes_mp4, videos / f"{v}.mp4")
+    answers = {"vA": "ABAC", "vB": "DA", "vC": "BBA"}  # 4 + 2 + 3 questions, A in 2 / 1 / 1 of them
+    duration = {"vA": "short", "vB": "short", "vC": "long"}
+    rows = [dict(video_id=f"{i:03d}", duration=duration[v], domain="Sports", sub_category="Cycling", videoID=v,
+                 question_id=f"{v}-{j}", task_type=("Counting" if j % 2 else "Action Recognition"),
+                 question=f"What happens in part {j}?",
+                 options=[f"{letter}. bikes {letter.lower()}" for letter in "ABCD"], answer=a)
+            for i, v in enumerate(answers) for j, a in enumerate(answers[v])]
+    ann = tmp_path / "videomme" / "test-00000-of-00001.parquet"
+    ann.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), ann)
+    out = tmp_path / "out"
+    read = benchmarks.prepare_benchmark("videomme", str(ann.parent), str(videos), str(out))
+    assert len(read.records) == 9 and not read.refused
+    VideoQa(data_dir=str(out / "tfds"), video_roots=(str(videos),)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(out)))
+    cfg = tiny_model_config()
+    texts = [format_question(r["question"], [o[3:] for o in r["options"]], "videomme") for r in rows]
+    tok = str(tmp_path / "tokenizer.json")
+    build_word_tokenizer(words_of(texts + ["0 1 2 3 4 5 6 7 8 9 . user assistant"]), dict(cfg.tokens)).save(tok)
+    m = model("none")
+    m.llm.lm_head.kernel.set_value(jnp.zeros_like(m.llm.lm_head.kernel[...]))
+    result = ev.evaluate(m, str(out / "tfds"), tokenizer=tok, method="none", ratio=0.0, frames=4, rows=4,
+                         progress=False)
+    s = result.summary()
+    share = lambda rs: sum(r["answer"] == "A" for r in rs) / len(rs)  # noqa: E731
+    assert s["headline"] == "micro" and s["overall"]["accuracy"] == pytest.approx(share(rows))
+    for group in ("short", "long"):
+        assert s["per_duration"][group]["accuracy"] == pytest.approx(share([r for r in rows if r["duration"] == group]))
+    for task in ("Counting", "Action Recognition"):
+        assert s["per_task"][task]["accuracy"] == pytest.approx(share([r for r in rows if r["task_type"] == task]))
+    assert s["overall"]["clusters"] == 3 and s["per_duration"]["short"]["clusters"] == 2
+    builder = ExampleBuilder(tok, image_size=cfg.vit.image_size, patch_size=cfg.vit.patch_size, num_frames=4,
+                             placeholders_per_frame=placeholders_per_frame(cfg, 4))
+    record = dict(_source(str(out / "tfds"))[0])
+    text = Tokenizer.from_file(tok).decode([int(i) for i in builder(record)["input_ids"]], skip_special_tokens=False)
+    assert "Select the best answer" in text and "D . bikes d The best answer is : <|im_end|>" in text

@@ -70,3 +70,47 @@ def test_two_processes_both_holding_dummy_videos_match_single_process(tmp_path):
     single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
     np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
     np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    """9 validation examples over 2 hosts (5 and 4: host 1 runs out first and steps along with empty rows), rows
+    over both hosts' 8 devices, parameters restored onto that mesh: both hosts end with every prediction, equal
+    to one process's."""
+    import jax
+    import tensorflow_datasets as tfds
+    from flax import nnx
+
+    from stts_jax.config import stts_config, tiny_model_config
+    from stts_jax.data.synthetic import ClipSpec, write_benchmark
+    from stts_jax.data.tfds_builders.video_qa import VideoQa
+    from stts_jax.interop import params_io
+    from stts_jax.model.vlm import Molmo2VLM
+    from stts_jax.train import evaluate as ev
+
+    manual, data_dir, ckpt = str(tmp_path / "manual"), str(tmp_path / "tfds"), str(tmp_path / "ckpt")
+    write_benchmark(manual, 2, ClipSpec(num_frames=32, event_frames=5, object_radius=12), validation_clips=9,
+                    kinds=("flash_colour",))
+    VideoQa(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    cfg = tiny_model_config()
+    cfg.stts = stts_config(method="scorer", prune_ratio=0.5, prune_at=0)
+    model = Molmo2VLM(cfg, rngs=nnx.Rngs(3))
+    params_io.save_model(ckpt, model)
+    tok = os.path.join(manual, "tokenizer.json")
+    jax.clear_caches()
+    gc.collect()
+    port = free_port()
+    worker = os.path.join(os.path.dirname(__file__), "multihost_eval_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), ckpt, data_dir, tok,
+                               str(tmp_path / f"eval{i}.json")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    results = [json.load(open(tmp_path / f"eval{i}.json")) for i in range(2)]
+    single = ev.evaluate(params_io.load_model(ckpt), data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=8,
+                         rows=8, progress=False)
+    want = sorted(map(list, single.predictions))
+    assert len(want) == 9 and results[0]["devices"] == 8
+    for r in results:
+        assert sorted(r["predictions"]) == want and r["count"] == single.count

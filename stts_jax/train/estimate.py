@@ -210,6 +210,55 @@ def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = 
         compile_s=time.perf_counter() - t0)
 
 
+def _compile_sizes(lowered):
+    """Returns (compiled or None, memory sizes dict, error) of a lowered program; a TPU out-of-memory refusal is
+    reported through the temporaries its message names."""
+    try:
+        compiled, error = lowered.compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, error = None, str(e).splitlines()[0]
+    if compiled is None:
+        return None, dict(argument_bytes=None, output_bytes=None, alias_bytes=None, peak_bytes=None,
+                          temp_bytes=required_temp_bytes(error)), error
+    mem = compiled.memory_analysis()
+    sizes = dict(argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+                 alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes))
+    sizes["peak_bytes"] = sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"] + sizes["temp_bytes"]
+    return compiled, sizes, error
+
+
+def estimate_eval(cfg: ml_collections.ConfigDict, mesh) -> StepEstimate:
+    """Returns the estimate of `cfg`'s evaluation forward on `mesh`: the program `evaluate` runs per batch
+    (`make_answer_logits`: ViT -> STTS -> adapter -> LLM, the answer position's logits), with parameters in
+    their trainer shardings (as `load_model(..., mesh=)` restores them) and `cfg.data.rows` one-video rows split
+    over (data, fsdp). No optimizer state; FLOPs = the forward's (`flops_step`), nothing executed."""
+    from stts_jax.train.evaluate import make_answer_logits
+
+    t0 = time.perf_counter()
+    layout = frame_layout(cfg)
+    model = abstract_model(cfg)
+    _, fn = make_answer_logits(model, layout, cfg.train.seed)
+    params = nnx.state(model)
+    params = with_shardings(params, sharding.state_shardings(params, mesh))
+    data = cfg.data
+    shapes = {k: ((data.rows, data.seq_len), jnp.int32) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
+    shapes["pixel_values"] = ((data.rows, layout.num_frames, geometry.patches_per_frame(cfg.model),
+                               geometry.patch_dim(cfg.model)), jnp.float32)
+    shapes["frame_mask"] = ((data.rows, layout.num_frames), jnp.int32)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape, batch_axis=0))
+             for k, (shape, dtype) in shapes.items()}
+    with jax.set_mesh(mesh):
+        compiled, sizes, error = _compile_sizes(fn.lower(params, batch))
+    flops = counted_flops(fn, unsharded(params), unsharded(batch))
+    return StepEstimate(
+        chips=mesh.devices.size, mesh=sharding.describe(mesh), params_bytes=max(per_device_bytes(params).values()),
+        opt_bytes=0, batch_bytes=max(per_device_bytes(batch).values()), **sizes, compile_error=error, flops=flops,
+        flops_per_device_compiled=flops_of(compiled.cost_analysis()) if compiled is not None else None,
+        flops_update=0.0, flops_step=flops, compile_s=time.perf_counter() - t0)
+
+
 def required_temp_bytes(error: str) -> int | None:
     """Returns the temporaries a refused TPU compilation says it needed ("... HLO temporaries (1002.92G) ...")."""
     found = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", error or "")
