@@ -8,7 +8,8 @@
 3. fine-tunes the base for the same number of steps five ways (the paper's protocol: STTS is a fine-tuning
    recipe): unpruned, STTS at prune ratio 0.5 and 0.8, random pruning at 0.5 and 0.8;
 4. evaluates every run on the validation split (multiple-choice accuracy, stts_jax.train.evaluate), with
-   test-time scaling for the STTS runs (2x frames at the same ratio);
+   test-time scaling for the STTS runs (2x frames at the same ratio), and the training-free EVS baseline
+   (evs_<ratio>: the unpruned fine-tune pruned at evaluation by frame-to-frame change) at each pruned ratio;
 5. prints one table: accuracy (overall and per question kind), vision tokens per example, the train-step time
    (as logged, input included; and the jitted step alone, all runs timed side by side) and the speedup over
    the unpruned fine-tune. Also written to <workdir>/table.md, results.csv and
@@ -199,7 +200,8 @@ def main(argv):
             raise app.UsageError(f"--runs: unknown run {name!r} (unpruned | stts_<ratio> | random_<ratio>)")
     # work units: training steps (pruned steps are cheaper, counted as 1 anyway); an evaluation and a
     # timed compilation ~ 60 steps each
-    progress = Progress(base_steps + ft_steps * len(runs) + 60 * (len(runs) + 2) + 60 * (len(runs) + 1))
+    evals = len(runs) + 1 + sum(n.startswith("stts_") for n in runs) + len({n.split("_")[1] for n in runs if n != "unpruned"})
+    progress = Progress(base_steps + ft_steps * len(runs) + 60 * evals + 60 * (len(runs) + 1))
     os.makedirs(out, exist_ok=True)
     data_dir = make_data(os.path.join(out, "data"), progress, quick)
     tokenizer = os.path.join(out, "data", "tokenizer.json")
@@ -226,24 +228,29 @@ def main(argv):
     progress.advance(60 * (len(runs) + 1))
 
     # evaluation: every run with its own method; STTS runs also with 2x frames (test-time scaling)
+    # and the training-free EVS baseline on the unpruned fine-tune (the base without one) at every pruned ratio
     rows, summary = [], []
     frames = run_config("base", None, 1, data_dir, quick).data.num_frames
+    evs_run = "unpruned" if "unpruned" in runs else "base"
+    evs_ratios = sorted({float(n.split("_")[1]) for n in runs if n != "unpruned"})
     for name in ["base"] + runs:
         model = params_io.load_train_checkpoint(run_dirs[name])[0]
         method, ratio = model.cfg.stts.method, model.cfg.stts.prune_ratio
-        settings = [(method, ratio, frames, 2.0)]
+        settings = [(name, method, ratio, frames, 2.0)]
         if method == "scorer":
-            settings.append((method, ratio, 2 * frames, 4.0))
-        for m, r, t, fps in settings:
+            settings.append((f"{name} @{2 * frames} frames", method, ratio, 2 * frames, 4.0))
+        if name == evs_run:
+            settings += [(f"evs_{r:g}", "evs", r, frames, 2.0) for r in evs_ratios]
+        for label, m, r, t, fps in settings:
             progress.stage(f"eval {name}: {m} ratio {r:g} at {t} frames")
             result = ev.evaluate(model, data_dir, tokenizer=tokenizer, method=m, ratio=r, frames=t, max_fps=fps)
-            label = name if t == frames else f"{name} @{t} frames"
             rows += result.rows(run=label, train_method=method, train_ratio=ratio if method != "none" else 0.0)
-            summary.append(dict(run=label, result=result, step_s=step_time(run_dirs[name]) if t == frames else None,
-                                compute_s=compute[name][0] if t == frames else None,
-                                flops=compute[name][1] if t == frames else None))
+            timed = label == name  # the run's own setting: its step times
+            summary.append(dict(run=label, result=result, step_s=step_time(run_dirs[name]) if timed else None,
+                                compute_s=compute[name][0] if timed else None,
+                                flops=compute[name][1] if timed else None))
             progress.advance(60)
-    table = format_table(summary, ft_steps, base_steps)
+    table = format_table(summary, ft_steps, base_steps, evs_run if evs_ratios else None)
     print("\n" + table, flush=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
@@ -254,7 +261,7 @@ def main(argv):
     progress.stage(f"done: {out}/table.md, eval.csv")
 
 
-def format_table(summary: list[dict], ft_steps: int, base_steps: int) -> str:
+def format_table(summary: list[dict], ft_steps: int, base_steps: int, evs_run: str | None = None) -> str:
     """Returns the demo's markdown table (accuracy, per-kind accuracy, tokens, step times, speedups)."""
     kinds = sorted({k for s in summary for k in s["result"].count if k != "all"})
     ref_run = "unpruned" if any(s["run"] == "unpruned" for s in summary) else "base"
@@ -283,6 +290,10 @@ def format_table(summary: list[dict], ft_steps: int, base_steps: int) -> str:
                  f"compilation excluded, input decoding included; model step (compute): median of the jitted step "
                  f"on one fixed batch, all runs timed round-robin in one process; speedup: {ref_run} / the run; step FLOPs: "
                  f"XLA's count of the lowered step / {ref_run}'s.")
+    if evs_run:
+        lines.append(f"evs_<ratio>: the training-free EVS baseline (keep the windows that changed most since the "
+                     f"previous frame, STTS's counts and first-frame rule) applied at evaluation to the {evs_run} run, "
+                     f"no training.")
     return "\n".join(lines)
 
 

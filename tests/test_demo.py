@@ -21,8 +21,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert "ETA" in proc.stdout and "=== [" in proc.stdout
     table = (out / "table.md").read_text()
     lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert set(lines) >= {"base", "stts_0.5", "stts_0.5 @16 frames", "random_0.5"}, table
+    assert set(lines) >= {"base", "stts_0.5", "stts_0.5 @16 frames", "random_0.5", "evs_0.5"}, table
     assert "36 / 72" in lines["stts_0.5"] and "36 / 72" in lines["random_0.5"] and "72 / 72" in lines["base"]
+    assert "36 / 72" in lines["evs_0.5"] and "training-free EVS baseline" in table  # on the base: no unpruned run
     assert "72 / 144" in lines["stts_0.5 @16 frames"]
     assert lines["stts_0.5"].rstrip(" |").endswith("x")  # speedup over the base run (no unpruned fine-tune here)
     with open(out / "eval.csv") as f:
@@ -31,6 +32,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
 
     assert rows and list(rows[0]) == list(CSV_FIELDS)
     assert {(r["run"], r["method"], r["kind"]) for r in rows} >= {
-        ("stts_0.5", "scorer", "all"), ("random_0.5", "random", "flash_colour"), ("base", "none", "all")}
+        ("stts_0.5", "scorer", "all"), ("random_0.5", "random", "flash_colour"), ("base", "none", "all"),
+        ("evs_0.5", "evs", "all")}
     for r in rows:
         assert int(r["count"]) == 16 and 0 <= float(r["accuracy"]) <= 1
