@@ -17,6 +17,7 @@ import pickle
 import select
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from stts_jax.data.video import VideoDecodeError
@@ -33,9 +34,16 @@ class IsolatedDecoder:
             raise ValueError(f"timeout_s and memory_bytes must be > 0, got {timeout_s}, {memory_bytes}")
         self.timeout_s, self.memory_bytes = float(timeout_s), int(memory_bytes)
         self._child: subprocess.Popen | None = None
+        # one request in flight per child: Grain's prefetch threads (two iterators over one dataset, e.g. after a
+        # state restore) share this object, and interleaved requests on one pipe deadlock
+        self._lock = threading.Lock()
 
     def __getstate__(self):  # a copy (e.g. in a Grain worker) starts its own child
         return dict(timeout_s=self.timeout_s, memory_bytes=self.memory_bytes, _child=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _start(self) -> subprocess.Popen:
         """Returns the running child, starting one (and waiting for it to be ready: start-up is not timed)."""
@@ -56,6 +64,10 @@ class IsolatedDecoder:
 
     def __call__(self, name: str, **request) -> Any:
         """Returns decode_patches(name=name, **request) computed in the child, or raises VideoDecodeError."""
+        with self._lock:
+            return self._call(name, request)
+
+    def _call(self, name: str, request: dict) -> Any:
         child = self._start()
         try:
             pickle.dump(dict(request, name=name), child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
@@ -78,7 +90,8 @@ class IsolatedDecoder:
         return value
 
     def close(self) -> None:
-        self._stop()
+        with self._lock:
+            self._stop()
 
     def __del__(self):
         try:
