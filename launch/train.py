@@ -28,12 +28,14 @@ def main(argv):
     from stts_jax.config import ConfigError
     from stts_jax.data.pipeline import TooManyBadExamples
     from stts_jax.train.checkpoint import IncompatibleCheckpoint
+    from stts_jax.train.lease import WorkdirBusy
     from stts_jax.train.trainer import BadBatchError, NonFiniteUpdates, train
 
     logging.set_verbosity(logging.INFO)
     try:
         records = train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, IncompatibleCheckpoint, TooManyBadExamples, NonFiniteUpdates, BadBatchError) as e:
+    except (ConfigError, IncompatibleCheckpoint, TooManyBadExamples, NonFiniteUpdates, BadBatchError,
+            WorkdirBusy) as e:
         sys.exit(f"error: {e}")  # one line naming the cause, exit status 1
     if records:
         last = records[-1]

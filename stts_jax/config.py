@@ -262,5 +262,10 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
             keep_period=0,  # > 0: checkpoints at multiples of it are never rotated away
             max_nonfinite=5,  # non-finite updates are skipped; a streak this long, seen at a log / ckpt step, stops
             init_from="",  # a Molmo2 checkpoint directory (scorer initialised fresh), or "" = from scratch
+            eval_every=0,  # > 0: multiple-choice eval of data.path's eval_split every this many steps (and the last)
+            eval_split="validation",
+            eval_max_examples=0,  # 0 = the whole split
+            profile_steps="",  # "a,b": a jax.profiler trace of steps a..b (1-based) in workdir/profile
+            lease_stale_s=300.0,  # workdir/LEASE: a holder silent this long (or dead on this host) is taken over
         ),
     ))

@@ -273,3 +273,37 @@ def test_benchmark_end_to_end_scores_like_the_always_a_oracle(tmp_path, bikes_mp
     record = dict(_source(str(out / "tfds"))[0])
     text = Tokenizer.from_file(tok).decode([int(i) for i in builder(record)["input_ids"]], skip_special_tokens=False)
     assert "Select the best answer" in text and "D . bikes d The best answer is : <|im_end|>" in text
+
+
+def test_eval_during_training_equals_evaluating_the_saved_checkpoints(flash_set, tmp_path):
+    """train.eval_every=2 on 4 steps (8-device mesh): eval.jsonl holds steps 2 and 4, each the accuracy that
+    evaluating that step's saved checkpoint gives on one device; the train step still compiles once. A split that
+    does not exist is refused before any work."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    import demo as demo_config
+
+    from stts_jax.config import ConfigError
+    from stts_jax.train.trainer import train
+
+    data_dir, _, tok = flash_set
+    cfg = demo_config.get_config("scorer,r0.5")
+    cfg.data.update(path=data_dir, tokenizer=tok)
+    cfg.train.update(steps=4, log_every=1, ckpt_every=2, keep_ckpts=2, eval_every=2)
+    workdir = str(tmp_path / "run")
+    records = train(cfg, workdir)
+    assert records[-1]["step"] == 4 and records[-1]["compilations"] == 1
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["step"] for r in logged] == [2, 4] and all(r["examples"] == 10 for r in logged)
+    for r in logged:
+        saved, step = params_io.load_train_checkpoint(workdir, step=r["step"])
+        assert step == r["step"]
+        again = ev.evaluate(saved, data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=cfg.data.num_frames,
+                            rows=8, progress=False)
+        assert r["accuracy"] == again.accuracy() and r["accuracy_flash_colour"] == again.accuracy("flash_colour")
+    cfg.train.eval_split = "test"
+    with pytest.raises(ConfigError, match="train.eval_split.*'test'"):
+        train(cfg, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")  # refused before the workdir was made

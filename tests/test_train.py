@@ -163,3 +163,23 @@ def test_auto_fsdp_mesh_divides_every_embed_width():
     assert sh.auto_fsdp(6, (4, 10)) == 2
     mesh = sh.make_mesh(data=-1, fsdp=0, tensor=1, embed_dims=(12, 20))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_profile_steps_write_a_trace_of_exactly_those_steps(tmp_path):
+    """train.profile_steps="2,3": a jax.profiler trace in workdir/profile whose step annotations are steps 2 and 3
+    (read back from the trace's own JSON); malformed ranges are refused before any work."""
+    import glob
+    import gzip
+
+    records = train(tiny_cfg(steps=4, log_every=1, ckpt_every=100, profile_steps="2,3"), str(tmp_path / "run"))
+    assert records[-1]["step"] == 4 and records[-1]["compilations"] == 1
+    traces = glob.glob(str(tmp_path / "run" / "profile" / "plugins" / "profile" / "*" / "*.trace.json.gz"))
+    assert len(traces) == 1 and glob.glob(os.path.join(os.path.dirname(traces[0]), "*.xplane.pb"))
+    with gzip.open(traces[0]) as f:
+        events = json.load(f)["traceEvents"]
+    steps = {int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and "step_num" in e.get("args", {})}
+    assert steps == {2, 3}
+    for bad in ["3,2", "0,1", "2", "1,5", "a,b"]:
+        with pytest.raises(ConfigError, match="train.profile_steps"):
+            train(tiny_cfg(steps=4, profile_steps=bad), str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "profile")

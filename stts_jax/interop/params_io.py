@@ -188,14 +188,19 @@ def transplant(model, cfg: ml_collections.ConfigDict, *, seed: int = 0, fresh: t
 
     make = lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
     if not fresh:
-        target = nnx.eval_shape(make)
-    elif mesh is not None:
+        graphdefs = []
+
+        def build():
+            graphdef, state = nnx.split(make())
+            graphdefs.append(graphdef)
+            return state
+
+        state = jax.eval_shape(build)  # (not nnx.eval_shape: under a mesh it reads logical names as mesh axes)
+        graphdef = graphdefs[-1]
+    else:
         from stts_jax.train import sharding
 
-        target = sharding.init_sharded(make, mesh)
-    else:
-        target = make()
-    graphdef, state = nnx.split(target)
+        graphdef, state = nnx.split(sharding.init_sharded(make, mesh) if mesh is not None else make())
     source = dict(nnx.to_flat_state(nnx.state(model)))
     flat, new = [], []
     for path, var in nnx.to_flat_state(state):

@@ -19,7 +19,8 @@ class IncompatibleCheckpoint(ValueError):
 # data source and seed, optimizer, seeds) decides what the run computes, so a resume must match it.
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.keep_period",
                      "train.max_nonfinite", "train.init_from", "mesh.", "data.workers", "data.on_bad_video",
-                     "data.max_consecutive_bad", "data.max_bad_fraction")
+                     "data.max_consecutive_bad", "data.max_bad_fraction", "train.eval_", "train.profile_steps",
+                     "train.lease_stale_s")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -2,7 +2,11 @@
 
 `train(cfg, workdir)` is what `launch/train.py` runs; tests call it in-process. A run resumes from the
 newest checkpoint in `workdir/checkpoints` (after checking the saved config is compatible), saves every
-`train.ckpt_every` steps (async) and on SIGTERM, and logs to stdout, `metrics.jsonl` and TensorBoard.
+`train.ckpt_every` steps (async) and on SIGTERM, and logs to stdout, `metrics.jsonl` and TensorBoard. With
+`train.eval_every` it runs the multiple-choice evaluator (`stts_jax.train.evaluate`, the run's own STTS method and
+ratio) on `data.path`'s `train.eval_split` every that many steps and at the last step, logged to `eval.jsonl` and
+TensorBoard (`eval/...`); with `train.profile_steps="a,b"` it writes a `jax.profiler` trace of steps a..b to
+`workdir/profile` (TensorBoard's profile plugin / xprof read it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM, check_batch
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import inputs, sharding
+from stts_jax.train.lease import Lease
 from stts_jax.train.metrics import MetricWriter
 from stts_jax.train.optim import GROUPS, make_optimizer
 from stts_jax.train.step import init_state, make_train_step, shardings_of
@@ -61,6 +66,28 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
              "(every row holds videos_per_batch / rows slots)")
     if tr.init_from:
         _require(os.path.isdir(tr.init_from), "train.init_from", f"checkpoint directory {tr.init_from!r} does not exist")
+    _require(tr.get("eval_every", 0) >= 0, "train.eval_every", f"must be >= 0 (0 = off), got {tr.get('eval_every')}")
+    if tr.get("eval_every", 0):
+        _require(data.kind == "video", "train.eval_every",
+                 f"evaluation during training reads a split of data.path; data.kind={data.kind!r} has none")
+        _require(tr.get("eval_max_examples", 0) >= 0, "train.eval_max_examples", "must be >= 0 (0 = the whole split)")
+    _require(tr.get("lease_stale_s", 300.0) > 0, "train.lease_stale_s", f"must be > 0, got {tr.get('lease_stale_s')}")
+    profile_range(cfg)
+
+
+def profile_range(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """Returns train.profile_steps as (first, last) 1-based steps, None when off; ConfigError when malformed."""
+    spec = str(cfg.train.get("profile_steps", "") or "").strip()
+    if not spec:
+        return None
+    try:
+        first, last = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"config field `train.profile_steps`: expected 'first,last' (two step numbers), got "
+                          f"{spec!r}") from None
+    _require(1 <= first <= last <= cfg.train.steps, "train.profile_steps",
+             f"need 1 <= first <= last <= train.steps={cfg.train.steps}, got {first},{last}")
+    return first, last
 
 
 def frame_layout(cfg: ml_collections.ConfigDict) -> FrameLayout:
@@ -199,7 +226,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     """Runs (or resumes) training; returns the logged records of this run. `stop_after` ends early (tests)."""
     # ---- config and workdir: refuse bad input before any compilation
     validate_train_config(cfg)
+    evaluator = _Evaluator(cfg, workdir) if cfg.train.get("eval_every", 0) else None  # its split checked now
     os.makedirs(workdir, exist_ok=True)
+    lease = None
+    if jax.process_index() == 0:  # one lease per job: the other hosts of this job share process 0's
+        stale = float(cfg.train.get("lease_stale_s", 300.0))
+        lease = Lease(workdir, stale_s=stale, heartbeat_s=min(30.0, stale / 4)).acquire()
+    try:
+        return _run(cfg, workdir, evaluator, stop_after)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, evaluator, stop_after: int | None) -> list[dict]:
+    """train() once the config is checked and the workdir leased."""
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.ckpt_every,
                                          cfg.train.keep_ckpts, cfg.train.keep_period)
     latest = checkpointer.latest_step()
@@ -240,13 +281,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
         kept = geometry.row_vision_tokens(cfg.model, layout)
         tokens_per_step = cfg.data.rows * cfg.data.seq_len * cfg.train.grad_accum
         writer = MetricWriter(workdir, cfg.train.steps, tokens_per_step=tokens_per_step)
+        if evaluator is not None:
+            evaluator.bind(graphdef, writer, mesh)
         records: list[dict] = []
         # ---- loop
         fetch = _Prefetch(source, cfg.train.grad_accum, check=lambda batches: check_micro_batches(batches, cfg, layout))
         try:
             with _Preemption() as preemption:
                 records += _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh,
-                                 stop_after, kept / (w * layout.num_frames))
+                                 stop_after, kept / (w * layout.num_frames), evaluator,
+                                 os.path.join(workdir, "profile"))
         finally:
             fetch.close()
             checkpointer.wait()
@@ -268,8 +312,67 @@ def check_micro_batches(batches: dict, cfg: ml_collections.ConfigDict, layout: F
             raise BadBatchError(f"input micro-batch {i} refused: {e}") from None
 
 
+class _Evaluator:
+    """Evaluation during training: the multiple-choice evaluator on the training parameters, every
+    `train.eval_every` steps and at the last; one line of `eval.jsonl` per evaluation (process 0), TensorBoard
+    scalars `eval/...`. The split and the tokenizer are checked when it is built (before any compilation)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+        from stts_jax.data.pipeline import find_tokenizer
+        from stts_jax.train import evaluate as ev
+
+        self.cfg, self.every = cfg, int(cfg.train.eval_every)
+        split = cfg.train.get("eval_split", "validation")
+        try:
+            sheet = ev.answer_sheet(cfg.data.path, split)
+            self.tokenizer = find_tokenizer(cfg.data)
+        except Exception as e:  # missing split, unreadable dataset, no tokenizer
+            raise ConfigError(f"config field `train.eval_split`: cannot evaluate split {split!r} of "
+                              f"{cfg.data.path} ({type(e).__name__}: {str(e)[:300]})") from None
+        if not sheet:
+            raise ConfigError(f"config field `train.eval_split`: split {split!r} of {cfg.data.path} is empty")
+        if not all(q.options for q in sheet.values()):
+            raise ConfigError(f"config field `train.eval_split`: split {split!r} of {cfg.data.path} holds open "
+                              "questions (no options); the evaluator is multiple-choice")
+        self.split, self.path = split, os.path.join(workdir, "eval.jsonl")
+        self.graphdef = self.writer = self.mesh = None
+
+    def bind(self, graphdef, writer: MetricWriter, mesh) -> None:
+        self.graphdef, self.writer, self.mesh = graphdef, writer, mesh
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.cfg.train.steps
+
+    def __call__(self, params, step: int) -> dict:
+        """Evaluates the parameters of `step`; returns the record written."""
+        import json
+
+        from stts_jax.train import evaluate as ev
+
+        cfg, st = self.cfg, self.cfg.model.stts
+        result = ev.evaluate(nnx.merge(self.graphdef, params), cfg.data.path, split=self.split,
+                             tokenizer=self.tokenizer, method=st.method,
+                             ratio=st.prune_ratio if st.method != "none" else 0.0, frames=cfg.data.num_frames,
+                             rows=cfg.data.rows, max_examples=cfg.train.get("eval_max_examples", 0),
+                             max_fps=cfg.data.get("max_fps", 2.0), seed=cfg.train.seed, progress=False,
+                             mesh=self.mesh)
+        record = dict(step=step, accuracy=result.accuracy(), examples=result.count.get("all", 0),
+                      skipped=result.skipped, seconds=round(result.seconds, 2),
+                      **{f"accuracy_{k}": result.accuracy(k) for k in sorted(result.count) if k != "all"})
+        if jax.process_index() == 0:
+            print(f"eval step {step}: {self.split} accuracy {100 * record['accuracy']:.1f}% ({record['examples']} "
+                  f"examples, {st.method} ratio {result.ratio:g}, {record['seconds']:.0f} s)", flush=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None and self.writer.tb is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        self.writer.tb.add_scalar(f"eval/{k}", v, step)
+        return record
+
+
 def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
-          kept_fraction) -> list[dict]:
+          kept_fraction, evaluator=None, profile_dir="profile") -> list[dict]:
     """Steps from `start` until the last step, SIGTERM or `stop_after`; returns the logged records.
 
     Saves every `ckpt_every` steps and always the step it stops at (the last one included); a SIGTERM while
@@ -277,6 +380,17 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
     optimizer; `max_nonfinite` of them in a row raise NonFiniteUpdates (checked whenever metrics are read: at log
     and checkpoint steps), so no checkpoint ever holds what they would have written.
     """
+    trace = dict(range=profile_range(cfg), dir=profile_dir, on=False)
+    try:
+        return _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
+                      kept_fraction, evaluator, trace)
+    finally:
+        if trace["on"]:  # stopped (SIGTERM, error) inside the profiled steps: close the trace anyway
+            jax.profiler.stop_trace()
+
+
+def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after, kept_fraction,
+           evaluator, trace) -> list[dict]:
     records = []
     last = time.perf_counter()
     done, skipped = start, 0
@@ -289,8 +403,18 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
         batch = sharding.to_global(batches, mesh, batch_axis=1)
         if done == start:
             writer.step_flops = step_flops(step_fn, state, batch)
-        state, metrics = step_fn(state, batch)
+        first, last_traced = trace["range"] or (0, -1)
+        if first <= done + 1 <= last_traced and not trace["on"]:
+            jax.profiler.start_trace(trace["dir"])
+            trace["on"] = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=done + 1):  # xprof's step boundaries
+            state, metrics = step_fn(state, batch)
         done += 1
+        if trace["on"] and done >= last_traced:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            trace["on"] = False
+            logging.info("profile: trace of steps %d-%d in %s", max(first, start + 1), done, trace["dir"])
         stopping = (preemption.requested or done == cfg.train.steps
                     or (stop_after is not None and done - start >= stop_after))
         log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
@@ -319,6 +443,8 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
             if preemption.requested:
                 logging.warning("SIGTERM: checkpointing step %d and exiting", done)
             checkpointer.save(done, state, fetch.state, cfg, force=stopping)
+        if evaluator is not None and evaluator.due(done) and not preemption.requested:
+            evaluator(state["params"], done)
         if stopping:
             break
     return records
