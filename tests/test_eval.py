@@ -275,7 +275,7 @@ def test_benchmark_end_to_end_scores_like_the_always_a_oracle(tmp_path, bikes_mp
     assert "Select the best answer" in text and "D . bikes d The best answer is : <|im_end|>" in text
 
 
-def test_eval_during_training_equals_evaluating_the_saved_checkpoints(flash_set, tmp_path):
+def test_eval_during_training_equals_evaluating_the_saved_checkpoints(flash_set, tmp_path, monkeypatch):
     """train.eval_every=2 on 4 steps (8-device mesh): eval.jsonl holds steps 2 and 4, each the accuracy that
     evaluating that step's saved checkpoint gives on one device; the train step still compiles once. A split that
     does not exist is refused before any work."""
@@ -288,6 +288,15 @@ def test_eval_during_training_equals_evaluating_the_saved_checkpoints(flash_set,
     from stts_jax.train.trainer import train
 
     data_dir, _, tok = flash_set
+    seen = {}  # the trainer's own evaluations, per example
+    evaluate = ev.evaluate
+
+    def spy(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        seen[len(seen)] = result
+        return result
+
+    monkeypatch.setattr(ev, "evaluate", spy)
     cfg = demo_config.get_config("scorer,r0.5")
     cfg.data.update(path=data_dir, tokenizer=tok)
     cfg.train.update(steps=4, log_every=1, ckpt_every=2, keep_ckpts=2, eval_every=2)
@@ -297,11 +306,14 @@ def test_eval_during_training_equals_evaluating_the_saved_checkpoints(flash_set,
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         logged = [json.loads(line) for line in f]
     assert [r["step"] for r in logged] == [2, 4] and all(r["examples"] == 10 for r in logged)
-    for r in logged:
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    assert len(seen) == 2
+    for i, r in enumerate(logged):
         saved, step = params_io.load_train_checkpoint(workdir, step=r["step"])
         assert step == r["step"]
         again = ev.evaluate(saved, data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=cfg.data.num_frames,
                             rows=8, progress=False)
+        assert sorted(seen[i].predictions) == sorted(again.predictions)  # the same answer per example
         assert r["accuracy"] == again.accuracy() and r["accuracy_flash_colour"] == again.accuracy("flash_colour")
     cfg.train.eval_split = "test"
     with pytest.raises(ConfigError, match="train.eval_split.*'test'"):

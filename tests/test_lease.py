@@ -58,7 +58,9 @@ def test_heartbeat_refreshes_while_held(tmp_path):
     lease = Lease(str(tmp_path), heartbeat_s=0.1, stale_s=1.0).acquire()
     try:
         first = json.load(open(tmp_path / LEASE_FILE))["heartbeat"]
-        time.sleep(0.6)
+        deadline = time.time() + 30
+        while json.load(open(tmp_path / LEASE_FILE))["heartbeat"] < first + 0.3 and time.time() < deadline:
+            time.sleep(0.05)
         assert json.load(open(tmp_path / LEASE_FILE))["heartbeat"] >= first + 0.3
     finally:
         lease.release()
@@ -95,3 +97,23 @@ def test_trainer_refuses_a_second_job_on_a_live_workdir_and_resumes_after_a_kill
     records = train(cfg, str(workdir))  # resumes from the killed run's checkpoint under a taken-over lease
     assert [r["step"] for r in records] == [saved + 1, saved + 2]
     assert not os.path.exists(workdir / LEASE_FILE)
+
+
+def test_a_live_lease_with_a_longer_timeout_is_not_taken_over_by_a_shorter_one(tmp_path):
+    """The holder's own stale_s counts: a newcomer with a short timeout may not take a lease whose heartbeat is
+    within the holder's (longer) timeout; two holders are told apart by token, not pid."""
+    now = time.time()
+    other = dict(host="another-host-xyz", pid=os.getpid(), token="someone-else", started=now - 60,
+                 heartbeat=now - 20, stale_s=300.0)
+    (tmp_path / LEASE_FILE).write_text(json.dumps(other))
+    with pytest.raises(WorkdirBusy, match="stale after|taken over once its heartbeat is 300 s old"):
+        Lease(str(tmp_path), heartbeat_s=1.0, stale_s=10.0).acquire()
+    first = Lease(str(tmp_path), heartbeat_s=1.0, stale_s=10.0)
+    os.remove(tmp_path / LEASE_FILE)
+    first.acquire()
+    try:
+        with pytest.raises(WorkdirBusy):  # same host, same pid, another Lease: still refused (token differs)
+            Lease(str(tmp_path), heartbeat_s=1.0, stale_s=10.0).acquire()
+    finally:
+        first.release()
+    assert not os.path.exists(tmp_path / LEASE_FILE)

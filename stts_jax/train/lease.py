@@ -5,18 +5,24 @@ Two jobs pointed at one workdir would race on checkpoint saves and interleave `m
 its heartbeat every `heartbeat_s` seconds from a daemon thread, and removes it when the run ends. A second job
 finds a live lease and is refused with `WorkdirBusy`, naming the holder (host, pid, job start, last heartbeat).
 
-A lease is stale, and taken over with a warning, when its holder cannot still be running: on the same host, its
-pid is gone; on any host, its heartbeat is older than `stale_s` (a preempted VM whose file was never removed).
-Creation is atomic (O_CREAT | O_EXCL), so of two jobs starting together exactly one wins.
+A lease is stale, and taken over with a warning, when its holder cannot still be running: on the same host and in
+the same pid namespace (containers sharing a hostname have their own), its pid is gone; on any host, its heartbeat
+is older than the larger of the holder's and the newcomer's `stale_s` (a preempted VM whose file was never
+removed). Every check-and-write (take, take over, heartbeat, release) runs under an exclusive `flock` on
+`LEASE.lock`, and holders are told apart by a random token, so of two jobs racing for a workdir exactly one holds
+it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import threading
 import time
+import uuid
 
 from absl import logging
 
@@ -25,6 +31,13 @@ LEASE_FILE = "LEASE"
 
 class WorkdirBusy(RuntimeError):
     """Another live job holds the workdir."""
+
+
+def _pid_namespace() -> str:
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -45,7 +58,8 @@ class Lease:
             raise ValueError(f"stale_s ({stale_s}) must exceed heartbeat_s ({heartbeat_s})")
         self.path = os.path.join(workdir, LEASE_FILE)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
-        self.me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.time())
+        self.me = dict(host=socket.gethostname(), pid=os.getpid(), pidns=_pid_namespace(), token=uuid.uuid4().hex,
+                       started=time.time(), stale_s=stale_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -62,41 +76,43 @@ class Lease:
     def stale_reason(self, holder: dict) -> str | None:
         """Returns why `holder` cannot be running any more, or None if it may be."""
         beat = holder.get("heartbeat")
-        if not isinstance(beat, (int, float)):
-            mtime = os.path.getmtime(self.path) if os.path.exists(self.path) else 0.0
-            beat = mtime  # unreadable: judge by the file's age
+        if not isinstance(beat, (int, float)):  # unreadable: judge by the file's age
+            beat = os.path.getmtime(self.path) if os.path.exists(self.path) else 0.0
         age = time.time() - beat
-        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        same_namespace = (holder.get("host"), holder.get("pidns")) == (self.me["host"], self.me["pidns"])
+        if same_namespace and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
             return f"its process {holder['pid']} on this host is gone"
-        if age > self.stale_s:
-            return f"its last heartbeat is {age:.0f} s old (stale after {self.stale_s:.0f} s)"
+        stale = max(self.stale_s, float(holder.get("stale_s") or 0.0))
+        if age > stale:
+            return f"its last heartbeat is {age:.0f} s old (stale after {stale:.0f} s)"
         return None
 
-    def _write(self, create: bool) -> None:
-        record = json.dumps(dict(self.me, heartbeat=time.time()))
-        if create:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(record)
-        else:  # heartbeat: replace atomically, so readers never see half a file
-            tmp = f"{self.path}.{self.me['pid']}.tmp"
-            with open(tmp, "w") as f:
-                f.write(record)
-            os.replace(tmp, self.path)
+    def _mine(self, holder: dict | None) -> bool:
+        return bool(holder) and holder.get("token") == self.me["token"]
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Exclusive flock on LEASE.lock: no two check-and-writes of the lease interleave (any process)."""
+        with open(self.path + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _write(self) -> None:
+        """Writes this holder's record with a fresh heartbeat (replaced atomically: readers never see half)."""
+        tmp = f"{self.path}.{self.me['token']}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(dict(self.me, heartbeat=time.time())))
+        os.replace(tmp, self.path)
 
     def acquire(self) -> "Lease":
         """Takes the lease (taking over a stale one) or raises WorkdirBusy naming the live holder."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        for _ in range(3):
-            try:
-                self._write(create=True)
-                break
-            except FileExistsError:
-                holder = self.holder()
-                if holder is None:
-                    continue  # released meanwhile: try again
-                if holder.get("host") == self.me["host"] and holder.get("pid") == self.me["pid"]:
-                    break  # this process already holds it (train() called twice in one process)
+        with self._locked():
+            holder = self.holder()
+            if holder is not None:
                 reason = self.stale_reason(holder)
                 if reason is None:
                     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
@@ -105,15 +121,11 @@ class Lease:
                         f"workdir {os.path.dirname(self.path)} is in use by another job: host "
                         f"{holder.get('host')!r}, pid {holder.get('pid')}, started {started}, last heartbeat "
                         f"{beat:.0f} s ago ({self.path}); stop that job or use another --workdir (a lease "
-                        f"whose holder died is taken over once its heartbeat is {self.stale_s:.0f} s old)")
+                        f"whose holder died is taken over once its heartbeat is "
+                        f"{max(self.stale_s, float(holder.get('stale_s') or 0.0)):.0f} s old)")
                 logging.warning("taking over the stale lease of %s (host %r, pid %s): %s", self.path,
                                 holder.get("host"), holder.get("pid"), reason)
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-        else:
-            raise WorkdirBusy(f"could not take {self.path}: another job keeps taking it")
+            self._write()
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="workdir-lease", daemon=True)
         self._thread.start()
@@ -121,28 +133,34 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            holder = self.holder()
-            if holder and (holder.get("host"), holder.get("pid")) != (self.me["host"], self.me["pid"]):
-                logging.error("the lease %s was taken over by host %r pid %s; this job no longer holds it",
-                              self.path, holder.get("host"), holder.get("pid"))
-                return
             try:
-                self._write(create=False)
+                with self._locked():
+                    if self._stop.is_set():
+                        return
+                    holder = self.holder()
+                    if holder is not None and not self._mine(holder):
+                        self.lost = True
+                        logging.error("the lease %s was taken over by host %r pid %s; this job no longer holds "
+                                      "it", self.path, holder.get("host"), holder.get("pid"))
+                        return
+                    self._write()
             except OSError as e:  # a full disk must not kill training; the lease just ages
                 logging.warning("could not refresh the lease %s: %s", self.path, e)
 
+    lost = False  # set when another job took the lease over (our heartbeat had stopped for stale_s)
+
     def release(self) -> None:
-        """Stops the heartbeat and removes the lease if this process still holds it."""
+        """Stops the heartbeat and removes the lease if this job still holds it."""
         self._stop.set()
+        with self._locked():
+            if self._mine(self.holder()):
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        holder = self.holder()
-        if holder and (holder.get("host"), holder.get("pid")) == (self.me["host"], self.me["pid"]):
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> "Lease":
         return self.acquire()

@@ -19,6 +19,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -29,7 +30,7 @@ from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM, check_batch
 from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import inputs, sharding
-from stts_jax.train.lease import Lease
+from stts_jax.train.lease import Lease, WorkdirBusy
 from stts_jax.train.metrics import MetricWriter
 from stts_jax.train.optim import GROUPS, make_optimizer
 from stts_jax.train.step import init_state, make_train_step, shardings_of
@@ -228,10 +229,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     validate_train_config(cfg)
     evaluator = _Evaluator(cfg, workdir) if cfg.train.get("eval_every", 0) else None  # its split checked now
     os.makedirs(workdir, exist_ok=True)
-    lease = None
+    lease, busy = None, None
     if jax.process_index() == 0:  # one lease per job: the other hosts of this job share process 0's
         stale = float(cfg.train.get("lease_stale_s", 300.0))
-        lease = Lease(workdir, stale_s=stale, heartbeat_s=min(30.0, stale / 4)).acquire()
+        try:
+            lease = Lease(workdir, stale_s=stale, heartbeat_s=min(30.0, stale / 4)).acquire()
+        except WorkdirBusy as e:
+            busy = e
+    if jax.process_count() > 1:  # every host learns process 0's answer (else they would go on into collectives)
+        from jax.experimental import multihost_utils
+
+        if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
+            busy = WorkdirBusy(f"workdir {workdir} is in use by another job (process 0 names the holder)")
+    if busy is not None:
+        raise busy
     try:
         return _run(cfg, workdir, evaluator, stop_after)
     finally:
@@ -334,6 +345,14 @@ class _Evaluator:
         if not all(q.options for q in sheet.values()):
             raise ConfigError(f"config field `train.eval_split`: split {split!r} of {cfg.data.path} holds open "
                               "questions (no options); the evaluator is multiple-choice")
+        from stts_jax.data.processor import OPTION_LETTERS
+        from stts_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(self.tokenizer)
+        for letter in OPTION_LETTERS[: max(len(q.options) for q in sheet.values())]:
+            if len(tok.encode(letter, add_special_tokens=False).ids) != 1:
+                raise ConfigError(f"config field `train.eval_split`: the tokenizer {self.tokenizer} splits option "
+                                  f"letter {letter!r} into several tokens; letter scoring needs one token each")
         self.split, self.path = split, os.path.join(workdir, "eval.jsonl")
         self.graphdef = self.writer = self.mesh = None
 
@@ -386,7 +405,10 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
                       kept_fraction, evaluator, trace)
     finally:
         if trace["on"]:  # stopped (SIGTERM, error) inside the profiled steps: close the trace anyway
-            jax.profiler.stop_trace()
+            try:
+                jax.profiler.stop_trace()
+            except Exception as e:  # never hide the error that stopped the loop
+                logging.warning("profile: could not close the trace: %s", e)
 
 
 def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after, kept_fraction,
@@ -395,7 +417,9 @@ def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, 
     last = time.perf_counter()
     done, skipped = start, 0
     while done < cfg.train.steps:
-        batches = fetch.next(give_up=lambda: preemption.requested)
+        # one process: a SIGTERM while the input stalls saves the last step; several: this host waits for its input
+        # (a save on one host alone would hang), and the per-step agreement below stops every host together
+        batches = fetch.next(give_up=lambda: preemption.requested and jax.process_count() == 1)
         if batches is None:  # SIGTERM while the input stalled: keep the last completed step
             logging.warning("SIGTERM while waiting for input: checkpointing step %d and exiting", done)
             checkpointer.save(done, state, fetch.state, cfg, force=True)
@@ -410,12 +434,13 @@ def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, 
         with jax.profiler.StepTraceAnnotation("train", step_num=done + 1):  # xprof's step boundaries
             state, metrics = step_fn(state, batch)
         done += 1
+        preempted = _any_host(preemption.requested)  # every host stops (and saves) at the same step
         if trace["on"] and done >= last_traced:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             trace["on"] = False
             logging.info("profile: trace of steps %d-%d in %s", max(first, start + 1), done, trace["dir"])
-        stopping = (preemption.requested or done == cfg.train.steps
+        stopping = (preempted or done == cfg.train.steps
                     or (stop_after is not None and done - start >= stop_after))
         log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
         save_now = stopping or checkpointer.due(done)
@@ -440,14 +465,23 @@ def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, 
             metrics["kept_fraction"] = kept_fraction
             records.append(writer.write(done, metrics, elapsed, done - start))
         if save_now:
-            if preemption.requested:
+            if preempted:
                 logging.warning("SIGTERM: checkpointing step %d and exiting", done)
             checkpointer.save(done, state, fetch.state, cfg, force=stopping)
-        if evaluator is not None and evaluator.due(done) and not preemption.requested:
+        if evaluator is not None and evaluator.due(done) and not preempted:
             evaluator(state["params"], done)
         if stopping:
             break
     return records
+
+
+def _any_host(flag: bool) -> bool:
+    """Returns whether `flag` is set on any host (itself in one process): a small all-gather per call."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
 def step_flops(step_fn, state, batch) -> float:
