@@ -107,15 +107,18 @@ def abstract_train_state(cfg: ml_collections.ConfigDict, mesh, *, pack_fallback:
     return graphdef, optimizer, dict(params=params, opt_state=opt_state, step=step)
 
 
-def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict:
-    """Returns the global batch [accum, rows, ...] as sharded ShapeDtypeStructs, as sharding.to_global makes it."""
-    data, accum = cfg.data, cfg.train.grad_accum
+def abstract_batch(cfg: ml_collections.ConfigDict, mesh, *, micro_batches: bool = True) -> dict:
+    """Returns the global batch [accum, rows, ...] as sharded ShapeDtypeStructs, as sharding.to_global makes it
+    (`micro_batches=False`: [rows, ...], the evaluation batch)."""
+    data = cfg.data
+    lead = (cfg.train.grad_accum,) if micro_batches else ()
     frames = frame_layout(cfg).num_frames  # frame slots per row
-    shapes = {k: ((accum, data.rows, data.seq_len), jnp.int32) for k in INT_KEYS}
-    shapes["pixel_values"] = ((accum, data.rows, frames, geometry.patches_per_frame(cfg.model),
+    shapes = {k: ((*lead, data.rows, data.seq_len), jnp.int32) for k in INT_KEYS}
+    shapes["pixel_values"] = ((*lead, data.rows, frames, geometry.patches_per_frame(cfg.model),
                                geometry.patch_dim(cfg.model)), jnp.float32)
-    shapes["frame_mask"] = ((accum, data.rows, frames), jnp.int32)
-    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape, batch_axis=1))
+    shapes["frame_mask"] = ((*lead, data.rows, frames), jnp.int32)
+    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape,
+                                                                                      batch_axis=len(lead)))
             for key, (shape, dtype) in shapes.items()}
 
 
@@ -171,13 +174,7 @@ def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = 
     batch = abstract_batch(cfg, mesh)
     step_fn = make_train_step(graphdef, optimizer, layout, seed=cfg.train.seed, state_shardings=shardings_of(state))
     with jax.set_mesh(mesh):
-        lowered = step_fn.lower(state, batch)
-        try:
-            compiled, error = lowered.compile(), None
-        except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that does not fit in HBM
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            compiled, error = None, str(e).splitlines()[0]
+        compiled, sizes, error = _compile_sizes(step_fn.lower(state, batch))
     flops_dev = flops_of(compiled.cost_analysis()) if compiled is not None else None
     # global FLOPs: XLA's cost analysis of the unpartitioned step, lowered for the host CPU without shardings
     # (the lowering for a TPU topology has no cost analysis in jax 0.10.2)
@@ -190,15 +187,6 @@ def estimate_step(cfg: ml_collections.ConfigDict, mesh, *, packed_flops: bool = 
     update = update_flops(optimizer, state)
     accum = cfg.train.grad_accum
     per_step = lambda f: accum * f - (accum - 1) * update
-    if compiled is not None:
-        mem = compiled.memory_analysis()
-        sizes = dict(argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-                     alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes))
-        sizes["peak_bytes"] = (sizes["argument_bytes"] + sizes["output_bytes"] - sizes["alias_bytes"]
-                               + sizes["temp_bytes"])
-    else:
-        sizes = dict(argument_bytes=None, output_bytes=None, alias_bytes=None, peak_bytes=None,
-                     temp_bytes=required_temp_bytes(error))
     return StepEstimate(
         chips=mesh.devices.size, mesh=sharding.describe(mesh),
         params_bytes=max(per_device_bytes(state["params"]).values()),
@@ -215,7 +203,7 @@ def _compile_sizes(lowered):
     reported through the temporaries its message names."""
     try:
         compiled, error = lowered.compile(), None
-    except jax.errors.JaxRuntimeError as e:
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that does not fit in HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         compiled, error = None, str(e).splitlines()[0]
@@ -242,13 +230,8 @@ def estimate_eval(cfg: ml_collections.ConfigDict, mesh) -> StepEstimate:
     _, fn = make_answer_logits(model, layout, cfg.train.seed)
     params = nnx.state(model)
     params = with_shardings(params, sharding.state_shardings(params, mesh))
-    data = cfg.data
-    shapes = {k: ((data.rows, data.seq_len), jnp.int32) for k in ("input_ids", "segment_ids", "positions", "loss_mask")}
-    shapes["pixel_values"] = ((data.rows, layout.num_frames, geometry.patches_per_frame(cfg.model),
-                               geometry.patch_dim(cfg.model)), jnp.float32)
-    shapes["frame_mask"] = ((data.rows, layout.num_frames), jnp.int32)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, shape, batch_axis=0))
-             for k, (shape, dtype) in shapes.items()}
+    batch = abstract_batch(cfg, mesh, micro_batches=False)
+    del batch["targets"]  # evaluation feeds evaluate.EVAL_KEYS: no targets
     with jax.set_mesh(mesh):
         compiled, sizes, error = _compile_sizes(fn.lower(params, batch))
     flops = counted_flops(fn, unsharded(params), unsharded(batch))

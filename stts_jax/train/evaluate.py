@@ -139,6 +139,19 @@ def eval_seq_len(cfg: ml_collections.ConfigDict, frames: int, method: str, ratio
     return vision_tokens_per_example(cfg, frames, method, ratio) + 10 * frames + EVAL_TEXT_TOKENS
 
 
+def option_letter_ids(tok, count: int) -> list[int]:
+    """Returns the token ids of the first `count` option letters; EvalError if the tokenizer splits one."""
+    from stts_jax.data.processor import OPTION_LETTERS
+
+    letters = []
+    for letter in OPTION_LETTERS[:count]:
+        ids = tok.encode(letter, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise EvalError(f"the tokenizer splits option letter {letter!r} into {ids}; expected one token")
+        letters.append(ids[0])
+    return letters
+
+
 @functools.lru_cache(maxsize=8)
 def answer_sheet(data_dir: str, split: str) -> dict:
     """Returns {record index: Question} of a prepared `video_qa` split.
@@ -224,7 +237,6 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
     tokens, parsed by `scoring.parse_choice`; one process).
     """
     from stts_jax.data import pipeline as pipe
-    from stts_jax.data.processor import OPTION_LETTERS
     from stts_jax.data.tokenizer import load_tokenizer
     from stts_jax.train.scoring import UNPARSED, parse_choice
 
@@ -246,12 +258,7 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
         raise EvalError(f"split {split!r} of {data_dir} holds {len(open_ended)} open questions (no options, e.g. "
                         f"{open_ended[0]!r}); multiple-choice evaluation needs options for every question")
     tok = load_tokenizer(tokenizer)
-    letters = []
-    for letter in OPTION_LETTERS[: max(len(q.options) for q in sheet.values())]:
-        ids = tok.encode(letter, add_special_tokens=False).ids
-        if len(ids) != 1:
-            raise EvalError(f"the tokenizer splits option letter {letter!r} into {ids}; expected one token")
-        letters.append(ids[0])
+    letters = option_letter_ids(tok, max(len(q.options) for q in sheet.values()))
     data = pipe.data_config(data_dir=data_dir, split=split, tokenizer=tokenizer, num_frames=frames,
                             seq_len=seq_len, rows=rows, videos_per_row=1, shuffle=False, num_epochs=1,
                             packing_bins=rows, max_fps=max_fps,

@@ -345,14 +345,12 @@ class _Evaluator:
         if not all(q.options for q in sheet.values()):
             raise ConfigError(f"config field `train.eval_split`: split {split!r} of {cfg.data.path} holds open "
                               "questions (no options); the evaluator is multiple-choice")
-        from stts_jax.data.processor import OPTION_LETTERS
         from stts_jax.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(self.tokenizer)
-        for letter in OPTION_LETTERS[: max(len(q.options) for q in sheet.values())]:
-            if len(tok.encode(letter, add_special_tokens=False).ids) != 1:
-                raise ConfigError(f"config field `train.eval_split`: the tokenizer {self.tokenizer} splits option "
-                                  f"letter {letter!r} into several tokens; letter scoring needs one token each")
+        try:
+            ev.option_letter_ids(load_tokenizer(self.tokenizer), max(len(q.options) for q in sheet.values()))
+        except ev.EvalError as e:
+            raise ConfigError(f"config field `train.eval_split`: {self.tokenizer}: {e}") from None
         self.split, self.path = split, os.path.join(workdir, "eval.jsonl")
         self.graphdef = self.writer = self.mesh = None
 
