@@ -1,6 +1,6 @@
 """The CPU demo: the paper's central table in miniature, from nothing, in one command.
 
-  python launch/demo.py [--workdir=demo_out] [--quick]
+  python launch/demo.py [--workdir=demo_out] [--seeds=N] [--quick]
 
 1. writes the synthetic temporal video-QA set (real h264 mp4s, stts_jax.data.synthetic) and prepares it as
    tfds ArrayRecord shards;
@@ -12,8 +12,15 @@
    (evs_<ratio>: the unpruned fine-tune pruned at evaluation by frame-to-frame change) at each pruned ratio;
 5. prints one table: accuracy (overall and per question kind), vision tokens per example, the train-step time
    (as logged, input included; and the jitted step alone, all runs timed side by side) and the speedup over
-   the unpruned fine-tune. Also written to <workdir>/table.md, results.csv and
-   eval.csv (the notebook's plots read them).
+   the unpruned fine-tune, then the paired differences the paper's claims rest on (STTS vs unpruned, STTS vs
+   random, per seed). Also written to <workdir>/table.md, results.csv (one row per run and seed) and eval.csv
+   (per kind, with the seed; the notebook's plots read it).
+
+Seeds are an axis (`--seeds=N`): seed k trains its own base and fine-tunes (its own initialisation, data order
+and random-pruning draws; the clips are shared) under <workdir>/runs/seed<k>/, and the table gives each accuracy
+as mean ± sample standard deviation over the seeds with every seed's value. One seed (the default) says which
+differences are within its sampling error: float rounding differs between machines, so one seed's ordering of
+close runs does not carry to another machine.
 
 Every stage prints progress with an ETA; stages already complete in --workdir are reused (the data, finished
 runs), and an interrupted run resumes from its last checkpoint. --quick runs a few steps on a few clips (a
@@ -22,6 +29,7 @@ smoke test of the whole path, not a result).
 
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,6 +50,8 @@ _RUNS = flags.DEFINE_list("runs", ["unpruned", "stts_0.5", "random_0.5", "stts_0
                           "Fine-tuning runs: unpruned | stts_<ratio> | random_<ratio>.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 24 clips, a few steps per run (not a result).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Processes writing the clips.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds (0..N-1): each trains its own base and fine-tunes on "
+                              "the same clips; the table shows mean ± spread.", lower_bound=1)
 
 CLIP_FRAMES, EVENT_FRAMES, RADIUS = 32, 5, 12  # 4 s at 8 fps; Molmo2 samples 8 frames (2 fps): every flash is seen
 KINDS = ("flash_colour",)
@@ -65,8 +75,9 @@ class Progress:
         self.rate = (time.perf_counter() - self.start) / max(self.done, 1e-9)
 
 
-def run_config(name: str, base_dir: str | None, steps: int, data_dir: str, quick: bool):
-    """Returns the training config of run `name` (base | unpruned | stts_<r> | random_<r>)."""
+def run_config(name: str, base_dir: str | None, steps: int, data_dir: str, quick: bool, seed: int = 0):
+    """Returns the training config of run `name` (base | unpruned | stts_<r> | random_<r>) for training seed
+    `seed` (initialisation, scorer / random-pruning draws and the data order; the clips are the same)."""
     from demo import get_config
 
     if name in ("base", "unpruned"):
@@ -76,6 +87,8 @@ def run_config(name: str, base_dir: str | None, steps: int, data_dir: str, quick
         arg = f"{'scorer' if method == 'stts' else method},r{ratio}"
     cfg = get_config(arg)
     cfg.data.path = data_dir
+    cfg.data.shuffle_seed = seed
+    cfg.train.seed = seed
     cfg.train.steps = steps
     cfg.train.ckpt_every = max(steps // 2, 1)
     cfg.train.log_every = max(1, min(25, steps // 4))
@@ -194,106 +207,198 @@ def main(argv):
     quick = _QUICK.value
     out = os.path.abspath(_WORKDIR.value)
     base_steps, ft_steps = (6, 4) if quick else (_BASE_STEPS.value, _FT_STEPS.value)
-    runs = list(_RUNS.value)
+    runs, seeds = list(_RUNS.value), list(range(_SEEDS.value))
     for name in runs:
         if name != "unpruned" and not (name.split("_")[0] in ("stts", "random") and name.count("_") == 1):
             raise app.UsageError(f"--runs: unknown run {name!r} (unpruned | stts_<ratio> | random_<ratio>)")
     # work units: training steps (pruned steps are cheaper, counted as 1 anyway); an evaluation and a
     # timed compilation ~ 60 steps each
     evals = len(runs) + 1 + sum(n.startswith("stts_") for n in runs) + len({n.split("_")[1] for n in runs if n != "unpruned"})
-    progress = Progress(base_steps + ft_steps * len(runs) + 60 * evals + 60 * (len(runs) + 1))
+    progress = Progress(len(seeds) * (base_steps + ft_steps * len(runs) + 60 * evals) + 60 * (len(runs) + 1))
     os.makedirs(out, exist_ok=True)
     data_dir = make_data(os.path.join(out, "data"), progress, quick)
     tokenizer = os.path.join(out, "data", "tokenizer.json")
 
-    base_dir = os.path.join(out, "runs", "base")
-    run_dirs = {}
-    for name, init, steps in [("base", None, base_steps)] + [(n, base_dir, ft_steps) for n in runs]:
-        workdir = os.path.join(out, "runs", name)
-        run_dirs[name] = workdir
-        cfg = run_config(name, init, steps, data_dir, quick)
-        what = "unpruned base model from scratch" if name == "base" else f"fine-tune from the base: {name}"
-        if finished(workdir, steps):
-            progress.stage(f"train {name}: reusing {workdir}")
-        else:
-            progress.stage(f"train {what} ({steps} steps, {cfg.data.videos_per_batch} videos/step, "
-                           f"{cfg.data.seq_len} tokens/row) -> {workdir}")
-            train(cfg, workdir)
-        progress.advance(steps)
+    run_dirs = {}  # (seed, run) -> workdir
+    for seed in seeds:
+        base_dir = os.path.join(out, "runs", f"seed{seed}", "base")
+        for name, init, steps in [("base", None, base_steps)] + [(n, base_dir, ft_steps) for n in runs]:
+            workdir = run_dirs[seed, name] = os.path.join(out, "runs", f"seed{seed}", name)
+            cfg = run_config(name, init, steps, data_dir, quick, seed)
+            what = "unpruned base model from scratch" if name == "base" else f"fine-tune from the base: {name}"
+            if finished(workdir, steps):
+                progress.stage(f"seed {seed}: train {name}: reusing {workdir}")
+            else:
+                progress.stage(f"seed {seed}: train {what} ({steps} steps, {cfg.data.videos_per_batch} videos/step, "
+                               f"{cfg.data.seq_len} tokens/row) -> {workdir}")
+                train(cfg, workdir)
+            progress.advance(steps)
 
-    # the model's own step time, side by side (the logged step time above also holds input decoding)
+    # the model's own step time, side by side (the logged step time above also holds input decoding); seed 0's
+    # models: the step's cost does not depend on the seed
     progress.stage("time the train step of every run on one fixed batch, round-robin (input excluded)")
-    compute = compute_step_times({n: (run_config(n, None, ft_steps, data_dir, quick), run_dirs[n])
+    compute = compute_step_times({n: (run_config(n, None, ft_steps, data_dir, quick), run_dirs[0, n])
                                   for n in ["base"] + runs}, repeats=3 if quick else 20)
     progress.advance(60 * (len(runs) + 1))
 
     # evaluation: every run with its own method; STTS runs also with 2x frames (test-time scaling)
     # and the training-free EVS baseline on the unpruned fine-tune (the base without one) at every pruned ratio
-    rows, summary = [], []
+    rows, results, timed = [], {}, {}  # results: label -> [EvalResult per seed]; timed: label -> its run
     frames = run_config("base", None, 1, data_dir, quick).data.num_frames
     evs_run = "unpruned" if "unpruned" in runs else "base"
     evs_ratios = sorted({float(n.split("_")[1]) for n in runs if n != "unpruned"})
-    for name in ["base"] + runs:
-        model = params_io.load_train_checkpoint(run_dirs[name])[0]
-        method, ratio = model.cfg.stts.method, model.cfg.stts.prune_ratio
-        settings = [(name, method, ratio, frames, 2.0)]
-        if method == "scorer":
-            settings.append((f"{name} @{2 * frames} frames", method, ratio, 2 * frames, 4.0))
-        if name == evs_run:
-            settings += [(f"evs_{r:g}", "evs", r, frames, 2.0) for r in evs_ratios]
-        for label, m, r, t, fps in settings:
-            progress.stage(f"eval {name}: {m} ratio {r:g} at {t} frames")
-            result = ev.evaluate(model, data_dir, tokenizer=tokenizer, method=m, ratio=r, frames=t, max_fps=fps)
-            rows += result.rows(run=label, train_method=method, train_ratio=ratio if method != "none" else 0.0)
-            timed = label == name  # the run's own setting: its step times
-            summary.append(dict(run=label, result=result, step_s=step_time(run_dirs[name]) if timed else None,
-                                compute_s=compute[name][0] if timed else None,
-                                flops=compute[name][1] if timed else None))
-            progress.advance(60)
+    for seed in seeds:
+        for name in ["base"] + runs:
+            model = params_io.load_train_checkpoint(run_dirs[seed, name])[0]
+            method, ratio = model.cfg.stts.method, model.cfg.stts.prune_ratio
+            settings = [(name, method, ratio, frames, 2.0)]
+            if method == "scorer":
+                settings.append((f"{name} @{2 * frames} frames", method, ratio, 2 * frames, 4.0))
+            if name == evs_run:
+                settings += [(f"evs_{r:g}", "evs", r, frames, 2.0) for r in evs_ratios]
+            for label, m, r, t, fps in settings:
+                progress.stage(f"seed {seed}: eval {name}: {m} ratio {r:g} at {t} frames")
+                result = ev.evaluate(model, data_dir, tokenizer=tokenizer, method=m, ratio=r, frames=t, max_fps=fps,
+                                     seed=seed)
+                extra = dict(run=label, train_method=method, train_ratio=ratio if method != "none" else 0.0)
+                rows += [dict(row, seed=seed) for row in result.rows(**extra)]
+                results.setdefault(label, []).append(result)
+                if label == name:  # the run's own setting: its step times
+                    timed[label] = name
+                progress.advance(60)
+    summary = []
+    for label, per_seed in results.items():
+        name = timed.get(label)
+        summary.append(dict(run=label, results=per_seed,
+                            step_s=[step_time(run_dirs[s, name]) for s in seeds] if name else None,
+                            compute_s=compute[name][0] if name else None, flops=compute[name][1] if name else None))
     table = format_table(summary, ft_steps, base_steps, evs_run if evs_ratios else None)
     print("\n" + table, flush=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(out, "eval.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ev.CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=("seed",) + ev.CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    progress.stage(f"done: {out}/table.md, eval.csv")
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(result_rows(summary, seeds))
+    progress.stage(f"done: {out}/table.md, results.csv, eval.csv")
+
+
+RESULT_FIELDS = ("run", "seed", "accuracy", "correct", "count", "vision_tokens", "vision_tokens_unpruned",
+                 "train_step_s", "model_step_s", "step_flops")
+
+
+def result_rows(summary: list[dict], seeds: list[int]) -> list[dict]:
+    """Returns results.csv's rows: one per (run, seed); the model step and its FLOPs are seed 0's (side by side)."""
+    rows = []
+    for s in summary:
+        for i, (seed, r) in enumerate(zip(seeds, s["results"])):
+            rows.append(dict(run=s["run"], seed=seed, accuracy=round(r.accuracy(), 6), correct=r.correct.get("all", 0),
+                             count=r.count["all"], vision_tokens=r.vision_tokens,
+                             vision_tokens_unpruned=r.vision_tokens_unpruned,
+                             train_step_s="" if s["step_s"] is None else round(s["step_s"][i], 6),
+                             model_step_s="" if s["compute_s"] is None or i else round(s["compute_s"], 6),
+                             step_flops="" if s["flops"] is None or i else s["flops"]))
+    return rows
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Returns the mean and the sample standard deviation (None for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def spread_cell(values: list[float], digits: int = 1) -> str:
+    """Returns "m" for one value, "m ± sd" for several."""
+    m, sd = mean_sd(values)
+    return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def comparisons(summary: list[dict]) -> list[tuple[str, str, float | None]]:
+    """Returns the (run, reference, bar) pairs the paper's claims rest on: STTS at ratio r within 2 points of
+    unpruned or above (bar -2), above random at r (bar 0), against the training-free EVS at r (no bar)."""
+    labels = [s["run"] for s in summary]
+    ref = "unpruned" if "unpruned" in labels else "base"
+    pairs = []
+    for label in labels:
+        if label.startswith("stts_") and " @" not in label:
+            ratio = label.split("_")[1]
+            pairs.append((label, ref, -2.0))
+            pairs += [(label, f"{other}_{ratio}", bar) for other, bar in (("random", 0.0), ("evs", None))
+                      if f"{other}_{ratio}" in labels]
+    return pairs
 
 
 def format_table(summary: list[dict], ft_steps: int, base_steps: int, evs_run: str | None = None) -> str:
-    """Returns the demo's markdown table (accuracy, per-kind accuracy, tokens, step times, speedups)."""
-    kinds = sorted({k for s in summary for k in s["result"].count if k != "all"})
+    """Returns the demo's markdown table (accuracy as mean ± sd over seeds with each seed's value, per-kind
+    accuracy, tokens, step times, speedups), then the paired differences per seed (or, for one seed, which
+    differences lie within its sampling error)."""
+    kinds = sorted({k for s in summary for r in s["results"] for k in r.count if k != "all"})
+    n_seeds = len(summary[0]["results"])
     ref_run = "unpruned" if any(s["run"] == "unpruned" for s in summary) else "base"
     ref = next(s for s in summary if s["run"] == ref_run)
-    head = ["run", "accuracy %"] + [f"{k} %" for k in kinds] + [
+    acc = {s["run"]: [100 * r.accuracy() for r in s["results"]] for s in summary}
+    head = ["run", "accuracy %" + (f" (mean ± sd, {n_seeds} seeds)" if n_seeds > 1 else "")]
+    head += ["per seed"] if n_seeds > 1 else []
+    head += [f"{k} %" for k in kinds] + [
         "vision tokens / example", "train step s (with input)", "speedup", "model step s (compute)", "speedup",
         "step FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
+    def seconds(s, key):
+        v = s[key]
+        return None if v is None else statistics.median(v) if isinstance(v, list) else v
+
     def speed(s, key):
-        if s[key] is None or s["run"] in ("base", ref_run):
+        if seconds(s, key) is None or s["run"] in ("base", ref_run):
             return "-"
-        return f"{ref[key] / s[key]:.2f}x"
+        return f"{seconds(ref, key) / seconds(s, key):.2f}x"
 
     for s in summary:
-        r = s["result"]
-        cells = [s["run"], f"{100 * r.accuracy():.1f}"] + [f"{100 * r.accuracy(k):.1f}" for k in kinds]
-        cells.append(f"{r.vision_tokens} / {r.vision_tokens_unpruned}")
+        r0 = s["results"][0]
+        cells = [s["run"], spread_cell(acc[s["run"]])]
+        cells += [" / ".join(f"{a:.1f}" for a in acc[s["run"]])] if n_seeds > 1 else []
+        cells += [spread_cell([100 * r.accuracy(k) for r in s["results"]]) for k in kinds]
+        cells.append(f"{r0.vision_tokens} / {r0.vision_tokens_unpruned}")
         for key in ("step_s", "compute_s"):
-            cells += ["-" if s[key] is None else f"{s[key]:.3f}", speed(s, key)]
+            cells += ["-" if seconds(s, key) is None else f"{seconds(s, key):.3f}", speed(s, key)]
         cells.append("-" if not s["flops"] or not ref["flops"] else f"{s['flops'] / ref['flops']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
-    n = summary[0]["result"].count["all"]
+    n = r0.count["all"]
     lines.append(f"\n{n} validation questions; base: {base_steps} steps from scratch, each run: {ft_steps} more "
                  f"steps from the base; chance is 25%. Train step (with input): median logged step time of the run, "
                  f"compilation excluded, input decoding included; model step (compute): median of the jitted step "
                  f"on one fixed batch, all runs timed round-robin in one process; speedup: {ref_run} / the run; step FLOPs: "
                  f"XLA's count of the lowered step / {ref_run}'s.")
+    if n_seeds > 1:
+        lines.append(f"Seeds 0..{n_seeds - 1}: each trains its own base and fine-tunes on the same clips (its own "
+                     f"initialisation, data order and pruning draws); ± is the sample standard deviation over seeds; "
+                     f"step times are the median over seeds (model step: seed 0's models).")
     if evs_run:
         lines.append(f"evs_<ratio>: the training-free EVS baseline (keep the windows that changed most since the "
                      f"previous frame, STTS's counts and first-frame rule) applied at evaluation to the {evs_run} run, "
                      f"no training.")
+    pairs = comparisons(summary)
+    if pairs:
+        lines += ["", "| comparison (same seed) | difference, points" + (" (mean ± sd)" if n_seeds > 1 else "")
+                  + " | per seed | claim | seeds where it holds |", "|---|---|---|---|---|"]
+        for run, other, bar in pairs:
+            diffs = [a - b for a, b in zip(acc[run], acc[other])]
+            claim = "-" if bar is None else (">= -2" if bar < 0 else "> 0")
+            holds = "-" if bar is None else f"{sum(d >= bar if bar < 0 else d > bar for d in diffs)} / {n_seeds}"
+            lines.append(f"| {run} - {other} | {spread_cell(diffs)} | {' / '.join(f'{d:+.1f}' for d in diffs)} "
+                         f"| {claim} | {holds} |")
+    if n_seeds == 1:
+        p = statistics.fmean(a / 100 for a in acc[ref_run])
+        se = 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+        close = [f"{run} - {other}" for run, other, _ in pairs if abs(acc[run][0] - acc[other][0]) < 2 * math.sqrt(2) * se]
+        lines.append(f"\nOne seed: the binomial standard error of one accuracy here is {se:.1f} points ({n} questions), "
+                     f"and training from scratch on another machine or seed moves runs by more than that. Differences "
+                     f"under 2·√2·SE = {2 * math.sqrt(2) * se:.1f} points"
+                     + (f" ({', '.join(close)})" if close else "")
+                     + " are not conclusions; run --seeds=3 (or more) for the spread.")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """notebooks/inspect_stts.ipynb runs headless end to end on a tiny trained checkpoint and writes every figure."""
 
 import csv
+import itertools
 import json
 import os
+import re
 import struct
 import sys
 
@@ -44,22 +46,24 @@ def write_csv(path: str, rows: list[dict]) -> str:
     return path
 
 
+KINDS = ("direction", "which_moved", "flash_count", "appeared_last", "all")
+
+
 def fake_eval_csv(path: str) -> str:
-    """Made-up rows in launch/eval.py's schema, only to exercise the plotting code (not real results)."""
+    """Made-up rows in launch/demo.py's schema (launch/eval.py's plus a seed column; two seeds whose accuracies
+    differ by 0.04), only to exercise the plotting code (not real results)."""
     rows = []
     for method, ratios in (("none", [0.0]), ("scorer", [0.3, 0.5, 0.8]), ("random", [0.3, 0.5, 0.8])):
-        for frames in (4, 8):
-            for ratio in ratios:
-                for kind in ("direction", "which_moved", "flash_count", "appeared_last", "all"):
-                    acc = 0.8 - (0.1 if method == "scorer" else 0.3) * ratio + 0.01 * frames
-                    count = 100 if kind != "all" else 400
-                    unpruned = 9 * frames
-                    rows.append(dict(run="stts_0.5" if method != "none" else "none", train_method=method,
-                                     train_ratio=0.5 if method != "none" else 0.0, method=method, ratio=ratio,
-                                     frames=frames, kind=kind, correct=round(acc * count), count=count,
-                                     accuracy=round(acc * count) / count,
-                                     vision_tokens=unpruned - int(9 * ratio * (frames - 0)),
-                                     vision_tokens_unpruned=unpruned))
+        for frames, ratio, kind, seed in itertools.product((4, 8), ratios, KINDS, (0, 1)):
+            acc = 0.8 - (0.1 if method == "scorer" else 0.3) * ratio + 0.01 * frames + 0.04 * seed - 0.02
+            count = 100 if kind != "all" else 400
+            unpruned = 9 * frames
+            rows.append(dict(seed=seed, run="stts_0.5" if method != "none" else "none", train_method=method,
+                             train_ratio=0.5 if method != "none" else 0.0, method=method, ratio=ratio,
+                             frames=frames, kind=kind, correct=round(acc * count), count=count,
+                             accuracy=round(acc * count) / count,
+                             vision_tokens=unpruned - int(9 * ratio * (frames - 0)),
+                             vision_tokens_unpruned=unpruned))
     return write_csv(path, rows)
 
 
@@ -131,6 +135,9 @@ def test_notebook_runs_and_writes_every_figure(tmp_path, monkeypatch):
                      if o.get("output_type") == "stream")
     assert "training checkpoint, step 2" in text, text[-3000:]
     assert "model scores == direct scorer call: True" in text, text[-3000:]
+    # the two seeds' rows are merged: the mean, their sample standard deviation (0.04 / sqrt 2) and the count
+    acc = 0.8 - 0.1 * 0.5 + 0.01 * 8
+    assert re.search(rf"stts_0.5 +scorer +0.50 +8 +{acc:.3f} +0.028 +2 +400 ", text), text[-3000:]
     for name in FIGURES:
         path = out / name
         assert path.exists(), f"{name} was not written; outputs:\n{text[-3000:]}"
