@@ -74,6 +74,10 @@ class Progress:
         self.done += units
         self.rate = (time.perf_counter() - self.start) / max(self.done, 1e-9)
 
+    def skip(self, units: float) -> None:
+        """Takes work reused from an earlier run out of the plan (it took no time here: no rate from it)."""
+        self.total -= units
+
 
 def run_config(name: str, base_dir: str | None, steps: int, data_dir: str, quick: bool, seed: int = 0):
     """Returns the training config of run `name` (base | unpruned | stts_<r> | random_<r>) for training seed
@@ -228,11 +232,12 @@ def main(argv):
             what = "unpruned base model from scratch" if name == "base" else f"fine-tune from the base: {name}"
             if finished(workdir, steps):
                 progress.stage(f"seed {seed}: train {name}: reusing {workdir}")
+                progress.skip(steps)
             else:
                 progress.stage(f"seed {seed}: train {what} ({steps} steps, {cfg.data.videos_per_batch} videos/step, "
                                f"{cfg.data.seq_len} tokens/row) -> {workdir}")
                 train(cfg, workdir)
-            progress.advance(steps)
+                progress.advance(steps)
 
     # the model's own step time, side by side (the logged step time above also holds input decoding); seed 0's
     # models: the step's cost does not depend on the seed
