@@ -237,6 +237,9 @@ def main(argv):
                 progress.stage(f"seed {seed}: train {what} ({steps} steps, {cfg.data.videos_per_batch} videos/step, "
                                f"{cfg.data.seq_len} tokens/row) -> {workdir}")
                 train(cfg, workdir)
+                if not finished(workdir, steps):  # SIGTERM: the trainer saved its step and returned; stop here too
+                    sys.exit(f"stopped during {workdir} (SIGTERM, checkpoint saved): run the same command again to "
+                             f"resume from it")
                 progress.advance(steps)
 
     # the model's own step time, side by side (the logged step time above also holds input decoding); seed 0's

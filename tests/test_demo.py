@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -70,10 +71,23 @@ def test_demo_quick_runs_every_stage_for_every_seed(tmp_path):
     for run in ("base", "random_0.5"):
         assert losses(out / "runs" / "seed0" / run) != losses(out / "runs" / "seed1" / run), run
 
-    # one seed run again (same machine, same clips): the same losses and the same accuracies
+    # one seed run again (same machine, same clips): the same losses and the same accuracies, also when the run
+    # is stopped by SIGTERM during its base (the demo exits naming the run; the same command resumes it)
     again = tmp_path / "again"
     shutil.copytree(out / "data", again / "data")  # the stage is reused: same clips, no second write
-    stdout = run_demo(again, "--runs=random_0.5", "--seeds=1")
+    flags = ["--runs=random_0.5", "--seeds=1"]
+    proc = subprocess.Popen([sys.executable, "launch/demo.py", "--quick", f"--workdir={again}", *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base_started = False
+    for line in proc.stdout:  # the base's first logged step (of 6): the trainer's SIGTERM handler is in place
+        base_started = base_started or "train unpruned base model" in line
+        if base_started and line.startswith("step 1/6 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "stopped during" in err and "seed0/base" in err, err[-2000:]
+    assert not (again / "runs" / "seed0" / "random_0.5").exists()  # nothing after the stopped stage ran
+    stdout = run_demo(again, *flags)
     assert "data: reusing" in stdout and "One seed:" in stdout
     for run in ("base", "random_0.5"):
         assert losses(again / "runs" / "seed0" / run) == losses(out / "runs" / "seed0" / run), run
