@@ -1,7 +1,7 @@
 """The CPU demo: a small Molmo2-shaped VLM trained from scratch on the synthetic temporal video-QA set.
 
   python launch/demo.py                      # everything: data, the runs below, evaluation, the table
-  python launch/train.py --config=configs/demo.py:scorer,r0.5 --workdir=demo_out/runs/stts_0.5 \\
+  python launch/train.py --config=configs/demo.py:scorer,r0.5 --workdir=demo_out/runs/seed0/stts_0.5 \\
       --config.data.path=demo_out/data/tfds
 
 Variants by argument (comma-separated, as configs/configs_common.py): scorer | evs | random | none, r<ratio>,

@@ -1,6 +1,6 @@
 """Multiple-choice accuracy of trained checkpoints, per question kind, for STTS methods, ratios and frame counts.
 
-  python launch/eval.py --checkpoint=demo_out/runs/stts_0.5 --data_dir=demo_out/data/tfds \\
+  python launch/eval.py --checkpoint=demo_out/runs/seed0/stts_0.5 --data_dir=demo_out/data/tfds \\
       --methods=none,scorer,evs,random --ratios=0.5,0.8 --frames=8,16 [--split=validation] [--csv=eval.csv]
       [--scoring=logits,generate] [--mesh=auto] [--benchmark=videomme]
 
