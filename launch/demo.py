@@ -401,10 +401,12 @@ def format_table(summary: list[dict], ft_steps: int, base_steps: int, evs_run: s
     if n_seeds == 1:
         p = statistics.fmean(a / 100 for a in acc[ref_run])
         se = 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
-        close = [f"{run} - {other}" for run, other, _ in pairs if abs(acc[run][0] - acc[other][0]) < 2 * math.sqrt(2) * se]
-        lines.append(f"\nOne seed: the binomial standard error of one accuracy here is {se:.1f} points ({n} questions), "
-                     f"and training from scratch on another machine or seed moves runs by more than that. Differences "
-                     f"under 2·√2·SE = {2 * math.sqrt(2) * se:.1f} points"
+        within = 2 * math.sqrt(2) * se  # two standard errors of a difference of two accuracies
+        close = [f"{run} - {other}" for run, other, _ in pairs if abs(acc[run][0] - acc[other][0]) < within]
+        lines.append(f"\nOne seed: the binomial standard error of one accuracy here is {se:.1f} points ({n} "
+                     f"questions), and training from scratch on another machine or seed moves runs by more than that "
+                     f"(the README's 3-seed table gives the spread). Differences under 2·√2·SE = {within:.1f} "
+                     f"points"
                      + (f" ({', '.join(close)})" if close else "")
                      + " are not conclusions; run --seeds=3 (or more) for the spread.")
     return "\n".join(lines)

@@ -77,15 +77,15 @@ def test_demo_quick_runs_every_stage_for_every_seed(tmp_path):
     shutil.copytree(out / "data", again / "data")  # the stage is reused: same clips, no second write
     flags = ["--runs=random_0.5", "--seeds=1"]
     proc = subprocess.Popen([sys.executable, "launch/demo.py", "--quick", f"--workdir={again}", *flags], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # one pipe: none fills unread
     base_started = False
     for line in proc.stdout:  # the base's first logged step (of 6): the trainer's SIGTERM handler is in place
         base_started = base_started or "train unpruned base model" in line
         if base_started and line.startswith("step 1/6 "):
             proc.send_signal(signal.SIGTERM)
             break
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 1 and "stopped during" in err and "seed0/base" in err, err[-2000:]
+    rest, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "stopped during" in rest and "seed0/base" in rest, rest[-2000:]
     assert not (again / "runs" / "seed0" / "random_0.5").exists()  # nothing after the stopped stage ran
     stdout = run_demo(again, *flags)
     assert "data: reusing" in stdout and "One seed:" in stdout
