@@ -277,8 +277,9 @@ def main(argv):
     summary = []
     for label, per_seed in results.items():
         name = timed.get(label)
-        summary.append(dict(run=label, results=per_seed,
-                            step_s=[step_time(run_dirs[s, name]) for s in seeds] if name else None,
+        per_seed_step = [step_time(run_dirs[s, name]) for s in seeds] if name else None
+        summary.append(dict(run=label, results=per_seed, step_s_seeds=per_seed_step,
+                            step_s=statistics.median(per_seed_step) if name else None,
                             compute_s=compute[name][0] if name else None, flops=compute[name][1] if name else None))
     table = format_table(summary, ft_steps, base_steps, evs_run if evs_ratios else None)
     print("\n" + table, flush=True)
@@ -307,21 +308,16 @@ def result_rows(summary: list[dict], seeds: list[int]) -> list[dict]:
             rows.append(dict(run=s["run"], seed=seed, accuracy=round(r.accuracy(), 6), correct=r.correct.get("all", 0),
                              count=r.count["all"], vision_tokens=r.vision_tokens,
                              vision_tokens_unpruned=r.vision_tokens_unpruned,
-                             train_step_s="" if s["step_s"] is None else round(s["step_s"][i], 6),
+                             train_step_s="" if s["step_s_seeds"] is None else round(s["step_s_seeds"][i], 6),
                              model_step_s="" if s["compute_s"] is None or i else round(s["compute_s"], 6),
                              step_flops="" if s["flops"] is None or i else s["flops"]))
     return rows
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    """Returns the mean and the sample standard deviation (None for one value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def spread_cell(values: list[float], digits: int = 1) -> str:
-    """Returns "m" for one value, "m ± sd" for several."""
-    m, sd = mean_sd(values)
-    return f"{m:.{digits}f}" if sd is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
+    """Returns "m" for one value, "m ± sd" (sample standard deviation) for several."""
+    m = statistics.fmean(values)
+    return f"{m:.{digits}f}" if len(values) < 2 else f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def comparisons(summary: list[dict]) -> list[tuple[str, str, float | None]]:
@@ -355,14 +351,10 @@ def format_table(summary: list[dict], ft_steps: int, base_steps: int, evs_run: s
         "step FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def seconds(s, key):
-        v = s[key]
-        return None if v is None else statistics.median(v) if isinstance(v, list) else v
-
     def speed(s, key):
-        if seconds(s, key) is None or s["run"] in ("base", ref_run):
+        if s[key] is None or s["run"] in ("base", ref_run):
             return "-"
-        return f"{seconds(ref, key) / seconds(s, key):.2f}x"
+        return f"{ref[key] / s[key]:.2f}x"
 
     for s in summary:
         r0 = s["results"][0]
@@ -371,7 +363,7 @@ def format_table(summary: list[dict], ft_steps: int, base_steps: int, evs_run: s
         cells += [spread_cell([100 * r.accuracy(k) for r in s["results"]]) for k in kinds]
         cells.append(f"{r0.vision_tokens} / {r0.vision_tokens_unpruned}")
         for key in ("step_s", "compute_s"):
-            cells += ["-" if seconds(s, key) is None else f"{seconds(s, key):.3f}", speed(s, key)]
+            cells += ["-" if s[key] is None else f"{s[key]:.3f}", speed(s, key)]
         cells.append("-" if not s["flops"] or not ref["flops"] else f"{s['flops'] / ref['flops']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     n = r0.count["all"]
