@@ -4,18 +4,14 @@
   python launch/train.py --config=configs/demo.py:scorer,r0.5 --workdir=demo_out/runs/seed0/stts_0.5 \\
       --config.data.path=demo_out/data/tfds
 
-Variants by argument (comma-separated, as configs/configs_common.py): scorer | evs | random | none, r<ratio>,
+Variants by argument (comma-separated, as configs/common.py): scorer | evs | random | none, r<ratio>,
 noaux, nobias. 126 px frames (9x9 patches, 9 windows = 9 LLM tokens per frame), 8 frames per clip (Molmo2's
 2 fps sampling of the 4 s clips), 8 videos per step on the host's CPU cores.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from configs_common import apply_variant  # noqa: E402
+from configs.common import apply_variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,8 +46,9 @@ def seq_len(model: ml_collections.ConfigDict, frames: int, text_tokens: int = 48
 
     Pruned runs get shorter rows, so the LLM's savings show up under static shapes too.
     """
-    from stts_jax.train.evaluate import vision_tokens_per_example
+    from stts_jax.data.processor import prompt_overhead_tokens
+    from stts_jax.eval.evaluate import vision_tokens_per_example
 
     st = model.stts
     vision = vision_tokens_per_example(model, frames, st.method, st.prune_ratio)
-    return -(-(vision + 5 * frames + text_tokens) // 8) * 8
+    return -(-(vision + prompt_overhead_tokens(frames, stamp_tokens=3) + text_tokens) // 8) * 8

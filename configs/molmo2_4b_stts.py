@@ -9,13 +9,9 @@ Variants by argument: `:random` (random pruning), `:none` (unpruned baseline), `
 `:nobias` (bias path off), `:r0.3` / `:r0.8` (other ratios).
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from configs_common import apply_variant  # noqa: E402
+from configs.common import apply_variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -7,17 +7,12 @@ products a few pairs at a time: temp memory O(F * N) on top of the inputs. --gra
 release's all-windows Gram matrix, O((W F)^2).
 """
 
-import os
-import sys
+import jax
+import jax.numpy as jnp
+from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from stts_jax import geometry  # noqa: E402
-from stts_jax.model import pruning  # noqa: E402
+from stts_jax import geometry
+from stts_jax.stts import temporal
 
 _FRAMES = flags.DEFINE_list("frames", ["32", "64", "128"], "Frame counts (one video each).")
 _GRAM = flags.DEFINE_bool("gram", False, "Also compile the full-Gram variant of the release, for contrast.")
@@ -27,13 +22,13 @@ GRID, POOL = 27, 3
 
 def ours(scores, hidden, layout):
     """Returns the library's temporal loss for scores [1, F, W] and hidden [1, F, N, D] (one row)."""
-    return pruning.temporal_loss(scores, hidden, layout, grid=GRID, pool=POOL, ratio=0.5)
+    return temporal.temporal_loss(scores, hidden, layout, grid=GRID, pool=POOL, ratio=0.5)
 
 
 def gram(scores, hidden, layout):
     """The release's formulation: cosine of every window against every window, then read adjacent pairs."""
     scores, hidden = scores[0], hidden[0]  # the one row: [F, W], [F, N, D]
-    win = pruning.window_features(hidden, GRID, POOL)
+    win = temporal.window_features(hidden, GRID, POOL)
     f, w = win.shape[:2]
     flat = win.reshape(f * w, -1)
     flat = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), 1e-8)

@@ -36,25 +36,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads must not spin into JAX's time (--peer)
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from stts_jax import geometry  # noqa: E402
-from stts_jax.config import validate_model_config  # noqa: E402
-from stts_jax.geometry import grid_size, tokens_per_frame  # noqa: E402
-from stts_jax.model import pruning  # noqa: E402
-from stts_jax.model.vlm import Molmo2VLM, attention_mask, total_loss  # noqa: E402
-from stts_jax.train import sharding  # noqa: E402
-from stts_jax.train.estimate import counted_flops  # noqa: E402
+from stts_jax import geometry
+from stts_jax.config import validate_model_config
+from stts_jax.data.processor import random_video_prompt
+from stts_jax.estimate import counted_flops
+from stts_jax.geometry import grid_size, tokens_per_frame
+from stts_jax.model.vlm import Molmo2VLM, attention_mask, total_loss
+from stts_jax.stts import selection, token_packing
+from stts_jax.train import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Benchmark config file.")
 _FRAMES = flags.DEFINE_list("frames", ["16", "32", "64", "128"], "Frames per video.")
@@ -76,13 +74,8 @@ def make_batch(cfg, frames: int, question_len: int, seed: int = 0) -> dict:
     """Returns a batch-major host batch of one row: one video of `frames` frames (pixel_values [1, T, N, P];
     W*T placeholders, W*T - K with STTS) and a question."""
     rng = np.random.default_rng(seed)
-    t = cfg.tokens
-    counts = geometry.placeholders_per_frame(cfg, frames)
-    text = lambda n: [int(x) for x in rng.integers(0, min(cfg.llm.vocab_size, 1000), size=n)]
-    ids = text(1)
-    for c in counts:
-        ids += text(2) + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
-    ids += text(question_len)
+    ids = random_video_prompt(cfg, rng, frames)
+    ids += [int(x) for x in rng.integers(0, min(cfg.llm.vocab_size, 1000), size=question_len)]
     length = len(ids)
     loss_mask = np.zeros((1, length), np.int32)
     loss_mask[0, length - question_len - 1: length - 1] = 1
@@ -224,16 +217,16 @@ def selection_and_packing(subject: Subject):
     cfg, layout = subject.cfg, subject.layout
     grid, pool, w = grid_size(cfg), cfg.adapter.pool_size, tokens_per_frame(cfg)
     st = cfg.stts
-    rows = pruning.pack_rows(geometry.row_vision_tokens(cfg, layout), w, st.pack_slack)
+    rows = token_packing.packed_row_budget(geometry.row_vision_tokens(cfg, layout), w, st.pack_slack)
 
     def run(pixels):  # [B, F, N, P]
         b, f = pixels.shape[:2]
         x = jnp.broadcast_to(pixels[..., :1], (b, f, grid * grid, cfg.vit.hidden_size))
         scores = jnp.mean(pixels, axis=-1)[..., :w]  # [B, F, W]
-        keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio, prune_from_frame=st.prune_from_frame)
-        plan = pruning.plan_packing(keep, rows)
-        packed, mask = pruning.pack_tokens(x, plan, grid, pool)
-        outs = [pruning.unpack_tokens(packed + i, plan, f, grid, pool) for i in range(len(cfg.adapter.feature_layers))]
+        keep = selection.select_windows(scores, layout, ratio=st.prune_ratio, prune_from_frame=st.prune_from_frame)
+        plan = token_packing.plan_packing(keep, rows)
+        packed, mask = token_packing.pack_tokens(x, plan, grid, pool)
+        outs = [token_packing.unpack_tokens(packed + i, plan, f, grid, pool) for i in range(len(cfg.adapter.feature_layers))]
         return outs, mask.sum()
 
     return run
@@ -439,8 +432,8 @@ def packed_path_taken(subject: Subject, batch: dict) -> bool:
     def overflow(state, pixels):
         mask = jnp.ones(pixels.shape[:2], bool)
         keep = subject.model(state).vision_features(pixels, mask, layout)[2]["keep"]
-        rows = pruning.pack_rows(geometry.row_vision_tokens(cfg, layout), tokens_per_frame(cfg), cfg.stts.pack_slack)
-        return pruning.plan_packing(keep, rows).overflow.any()
+        rows = token_packing.packed_row_budget(geometry.row_vision_tokens(cfg, layout), tokens_per_frame(cfg), cfg.stts.pack_slack)
+        return token_packing.plan_packing(keep, rows).overflow.any()
 
     return not bool(jax.jit(overflow)(subject.state, batch["pixel_values"]))
 

@@ -7,7 +7,7 @@
 2. trains a small Molmo2-shaped VLM (configs/demo.py) from scratch, unpruned: the "pretrained" base model;
 3. fine-tunes the base for the same number of steps five ways (the paper's protocol: STTS is a fine-tuning
    recipe): unpruned, STTS at prune ratio 0.5 and 0.8, random pruning at 0.5 and 0.8;
-4. evaluates every run on the validation split (multiple-choice accuracy, stts_jax.train.evaluate), with
+4. evaluates every run on the validation split (multiple-choice accuracy, stts_jax.eval.evaluate), with
    test-time scaling for the STTS runs (2x frames at the same ratio), and the training-free EVS baseline
    (evs_<ratio>: the unpruned fine-tune pruned at evaluation by frame-to-frame change) at each pruned ratio;
 5. prints one table: accuracy (overall and per question kind), vision tokens per example, the train-step time
@@ -35,11 +35,7 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where the data, runs and tables go.")
 _CLIPS = flags.DEFINE_integer("clips", 3000, "Training clips (each asks every question kind).")
@@ -82,7 +78,7 @@ class Progress:
 def run_config(name: str, base_dir: str | None, steps: int, data_dir: str, quick: bool, seed: int = 0):
     """Returns the training config of run `name` (base | unpruned | stts_<r> | random_<r>) for training seed
     `seed` (initialisation, scorer / random-pruning draws and the data order; the clips are the same)."""
-    from demo import get_config
+    from configs.demo import get_config
 
     if name in ("base", "unpruned"):
         arg = "none"
@@ -205,7 +201,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from stts_jax.interop import params_io
-    from stts_jax.train import evaluate as ev
+    from stts_jax.eval import evaluate as ev
     from stts_jax.train.trainer import train
 
     quick = _QUICK.value

@@ -5,7 +5,7 @@
   python launch/estimate.py --config=configs/tiny_train.py --chips=8 --platform=cpu --keep_batch
   python launch/estimate.py --config=configs/molmo2_4b_stts.py:scorer --config.data.num_frames=64 --program=eval
 
-`--program=eval` estimates the evaluation forward instead (`stts_jax.train.estimate.estimate_eval`: the program
+`--program=eval` estimates the evaluation forward instead (`stts_jax.estimate.estimate_eval`: the program
 launch/eval.py runs per batch, parameters restored onto the mesh, `--videos_per_device` one-video rows per device,
 no optimizer state); its FLOPs are the forward's.
 
@@ -41,10 +41,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=False)
 _CHIPS = flags.DEFINE_list("chips", ["8", "64", "256"], "Chip counts to estimate (one subprocess each).")
@@ -115,7 +113,8 @@ def run_child(chips: int) -> dict:
     import jax
 
     from stts_jax.config import validate_model_config
-    from stts_jax.train import estimate, sharding
+    from stts_jax import estimate
+    from stts_jax.train import sharding
     from stts_jax.train.trainer import model_embed_dims
 
     cfg = _CONFIG.value
@@ -140,7 +139,7 @@ def run_child(chips: int) -> dict:
                                    else _GLOBAL_BATCH.value, videos_per_device=_VIDEOS_PER_DEVICE.value,
                                    text_tokens=_TEXT_TOKENS.value)
     if evaluating:
-        from stts_jax.train.evaluate import eval_seq_len
+        from stts_jax.eval.evaluate import eval_seq_len
 
         # the row length evaluate() packs one example into (pruned with STTS), not the training row
         cfg.data.seq_len = eval_seq_len(cfg.model, cfg.data.num_frames, cfg.model.stts.method,
@@ -183,7 +182,7 @@ def spawn(chips: int) -> dict:
 
 def add_derived(row: dict, peak_tflops: float, mfu: float, hbm_gib: float | None) -> dict:
     """Returns row with the derived columns: step FLOPs, step time at peak x MFU, fits in HBM."""
-    from stts_jax.train.estimate import step_seconds
+    from stts_jax.estimate import step_seconds
 
     flops = row["flops_step"]
     run_flops = row["flops_packed_step"] or flops

@@ -23,12 +23,9 @@ vision tokens per example side by side, and writes one CSV row per (checkpoint, 
 import csv
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _CHECKPOINT = flags.DEFINE_list("checkpoint", None, "Training workdir(s) or params checkpoint(s).", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "Prepared video_qa tfds dir (launch/prepare_data.py).", required=True)
@@ -69,7 +66,7 @@ def format_table(rows: list[dict]) -> str:
 
 def write_csv(path: str, rows: list[dict]) -> None:
     """Appends rows (evaluate.CSV_FIELDS) to `path`, writing the header if the file is new."""
-    from stts_jax.train.evaluate import CSV_FIELDS
+    from stts_jax.eval.evaluate import CSV_FIELDS
 
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
@@ -100,17 +97,13 @@ def load(path: str):
     """Returns the model of a training workdir or params checkpoint (on --mesh), its training frame count, mesh."""
     from stts_jax.interop import params_io
 
-    if params_io.is_params_checkpoint(path):
-        mesh = make_mesh(_MESH.value, params_io.load_model_config(path))
-        return params_io.load_model(path, mesh=mesh), None, mesh
-    from stts_jax.interop.hf_export import config_from_dict
-
-    saved = params_io.saved_train_config(path)
-    mesh = make_mesh(_MESH.value, config_from_dict(saved["model"]))
-    model, step = params_io.load_train_checkpoint(path, mesh=mesh)
-    frames = saved.get("data", {}).get("num_frames")
-    logging.info("%s: step %d", path, step)
-    return model, frames, mesh
+    kinds = ("params", "train")
+    mesh = make_mesh(_MESH.value, params_io.checkpoint_model_config(path, kinds))
+    found = params_io.load_checkpoint(path, kinds=kinds, mesh=mesh)
+    if found.kind == "params":
+        return found.model, None, mesh
+    logging.info("%s: step %d", path, found.step)
+    return found.model, found.train_config.get("data", {}).get("num_frames"), mesh
 
 
 def main(argv):
@@ -121,7 +114,7 @@ def main(argv):
         jax.distributed.initialize()
     lead = jax.process_index() == 0
     from stts_jax.data.pipeline import find_dataset_dir
-    from stts_jax.train import evaluate as ev
+    from stts_jax.eval import evaluate as ev
 
     try:
         find_dataset_dir(_DATA.value)
@@ -137,7 +130,7 @@ def main(argv):
     bad = sorted(set(_SCORING.value) - set(ev.SCORINGS))
     if bad:
         raise app.UsageError(f"--scoring: unknown {bad}; choose from {ev.SCORINGS}")
-    from stts_jax.train import scoring
+    from stts_jax.eval import scoring
 
     rows, results = [], []
     start = time.perf_counter()

@@ -19,9 +19,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (state/ + model_config.json).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).")
@@ -39,13 +37,11 @@ def run(params: str, out: str, *, dtype: str = "float32", max_shard_size="2GB", 
 
     if os.path.isdir(out) and os.listdir(out) and not overwrite:  # fail before loading anything
         raise hf_export.ExportError(f"{out} is not empty; pass --overwrite to replace an earlier export")
-    if params_io.is_params_checkpoint(params):
-        cfg = params_io.load_model_config(params)
-        hf_export.check_config_fields(cfg)
-        model = params_io.load_model(params, cfg)
-    else:
-        model, _ = params_io.load_train_checkpoint(params, step)
-        cfg = model.cfg
+    kinds = ("params", "train")
+    if params_io.checkpoint_kind(params, kinds) == "params":  # refuse fields HF cannot hold before loading weights
+        hf_export.check_config_fields(params_io.load_model_config(params))
+    model = params_io.load_checkpoint(params, kinds=kinds, step=step).model
+    cfg = model.cfg
     report = hf_export.export_hf(model, cfg, out, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard_size)
     if copy_tokenizer_from:
         report.copied = hf_export.copy_extra_files(copy_tokenizer_from, out)

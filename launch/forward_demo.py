@@ -8,25 +8,22 @@ The weights are random: the printed tokens are not meaningful, the shapes and ti
 """
 
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from stts_jax.config import validate_model_config  # noqa: E402
-from stts_jax.data.processor import patchify, resize_frames, video_token_layout  # noqa: E402
-from stts_jax.data.synthetic import moving_square_frames, write_mp4  # noqa: E402
-from stts_jax.data.video import decode_frames, uniform_frame_indices  # noqa: E402
-from stts_jax.geometry import FrameLayout, placeholders_per_frame, tokens_per_frame  # noqa: E402
-from stts_jax.model.vlm import Molmo2VLM, check_batch, make_forward  # noqa: E402
+from stts_jax.config import validate_model_config
+from stts_jax.data.processor import patchify, resize_frames, video_token_layout
+from stts_jax.data.synthetic import moving_square_frames, write_mp4
+from stts_jax.data.video import decode_frames, uniform_frame_indices
+from stts_jax.geometry import FrameLayout, placeholders_per_frame, tokens_per_frame
+from stts_jax.model.vlm import Molmo2VLM, check_batch, make_forward
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _VIDEO = flags.DEFINE_string("video", None, "An mp4 to run on; default: a synthetic clip written with PyAV.")

@@ -9,23 +9,20 @@ over --repeats runs after a warm-up (compilation excluded), the decode time per 
 for --max_new_tokens new tokens, with pruned/unpruned ratios. Weights are random (shapes and time only).
 """
 
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from stts_jax import geometry  # noqa: E402
-from stts_jax.config import stts_config, validate_model_config  # noqa: E402
-from stts_jax.model.generate import Generator, pad_prompts  # noqa: E402
-from stts_jax.model.vlm import Molmo2VLM  # noqa: E402
+from stts_jax import geometry
+from stts_jax.config import stts_config, validate_model_config
+from stts_jax.data.processor import random_video_prompt
+from stts_jax.model.generate import Generator, pad_prompts
+from stts_jax.model.vlm import Molmo2VLM
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Model config file (cfg.model).")
 _FRAMES = flags.DEFINE_list("frames", ["16", "32"], "Frames per video.")
@@ -39,15 +36,10 @@ def make_batch(cfg, frames: int, batch: int, seed: int = 0) -> dict:
     """Returns a left-padded batch-major batch: `batch` rows of one video of `frames` frames each (pixel_values
     [batch, frames, N, P]; W*T or, with STTS, W*T - K placeholders), questions of 16, 24, ... tokens."""
     rng = np.random.default_rng(seed)
-    t = cfg.tokens
-    counts = geometry.placeholders_per_frame(cfg, frames)
     vocab = min(cfg.llm.vocab_size, 1000)
     prompts = []
     for row in range(batch):
-        ids = [int(rng.integers(0, vocab))]
-        for c in counts:
-            ids += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
-        prompts.append(ids + [int(x) for x in rng.integers(0, vocab, 16 + 8 * row)])
+        prompts.append(random_video_prompt(cfg, rng, frames) + [int(x) for x in rng.integers(0, vocab, 16 + 8 * row)])
     out = pad_prompts(prompts, side="left")
     shape = (batch, frames, geometry.patches_per_frame(cfg), geometry.patch_dim(cfg))
     out["pixel_values"] = rng.uniform(-1, 1, shape).astype(np.float32)

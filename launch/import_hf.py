@@ -14,9 +14,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Molmo2 directory.")
 _OUT = flags.DEFINE_string("out", None, "Params checkpoint directory to write.")

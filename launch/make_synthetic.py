@@ -9,16 +9,12 @@ ids of --tokens (tiny: the ids of configs/tiny.py; molmo2: the real Molmo2 ids).
 `video_qa` manual dir:  python launch/prepare_data.py --manual_dir=<out> --data_dir=<out>/tfds
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from stts_jax.config import MOLMO2_TOKENS, tiny_model_config  # noqa: E402
-from stts_jax.data import synthetic  # noqa: E402
+from stts_jax.config import MOLMO2_TOKENS, tiny_model_config
+from stts_jax.data import synthetic
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _NUM = flags.DEFINE_integer("num_clips", 400, "Training clips.")

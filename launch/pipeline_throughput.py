@@ -12,13 +12,10 @@ the model column is then skipped). A benchmark prints ratios measured side by si
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _FRAMES = flags.DEFINE_list("frames", ["16", "64"], "Frames per clip (T).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Decoding worker processes to compare.")

@@ -30,10 +30,8 @@ import sys
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+import numpy as np
+from absl import app, flags, logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face directory or params checkpoint.")
 _VIDEO = flags.DEFINE_string("video", None, "Video file (mp4, ...).")
@@ -132,22 +130,14 @@ class HFTokenizer:
 
 
 def load_checkpoint(path: str):
-    """Returns (model, kind) for a params checkpoint or a Hugging Face directory."""
-    from stts_jax.interop import hf_export, params_io
+    """Returns (model, kind) for a params checkpoint, a training workdir or a Hugging Face directory."""
+    from stts_jax.interop import params_io
 
-    if not os.path.isdir(path):
-        raise PredictError(f"--checkpoint {path} is not a directory")
-    if params_io.is_params_checkpoint(path):
-        return params_io.load_model(path), "params"
-    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state")):
-        return params_io.load_train_checkpoint(path)[0], "train"
-    if os.path.exists(os.path.join(path, "config.json")):
-        model, report = hf_export.load_exported(path)
-        if report.fresh:
-            logging.warning("%s lacks %s: initialised at random", path, report.fresh)
-        return model, "hf"
-    raise PredictError(f"{path} is neither a params checkpoint (state/ + model_config.json), a training workdir "
-                       f"(checkpoints/) nor a Hugging Face directory (config.json)")
+    try:
+        found = params_io.load_checkpoint(path)
+    except params_io.ParamsCheckpointError as e:
+        raise PredictError(f"--checkpoint: {e}") from None
+    return found.model, found.kind
 
 
 def load_tokenizer(checkpoint: str, tokenizer: str | None, vocab_size: int):

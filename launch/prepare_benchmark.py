@@ -24,15 +24,12 @@ first refused row stops it (exit status 1) before anything is built.
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from stts_jax.data import benchmarks  # noqa: E402
-from stts_jax.data.video import ERROR_KINDS  # noqa: E402
+from stts_jax.data import benchmarks
+from stts_jax.data.video import ERROR_KINDS
 
 _BENCHMARK = flags.DEFINE_enum("benchmark", None, list(benchmarks.BENCHMARKS), "Which benchmark.", required=True)
 _ANNOTATIONS = flags.DEFINE_string("annotations", None, "The annotation file, or the folder of files as the "

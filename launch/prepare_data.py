@@ -13,12 +13,9 @@ documented in stts_jax/data/tfds_builders/video_qa.py (multiple-choice fields in
 import collections
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _MANUAL = flags.DEFINE_string("manual_dir", None, "Folder with <split>.jsonl files and the videos.", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "tfds data dir to write to.", required=True)

@@ -14,8 +14,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, process_id, ckpt, data_dir, tok, out = sys.argv[1], int(sys.argv[2]), *sys.argv[3:7]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 
+from stts_jax.eval import evaluate as ev  # noqa: E402
 from stts_jax.interop import params_io  # noqa: E402
-from stts_jax.train import evaluate as ev  # noqa: E402
 from stts_jax.train import sharding  # noqa: E402
 
 mesh = sharding.make_mesh(4, 2, 1)

@@ -13,9 +13,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, process_id, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 variant = sys.argv[5] if len(sys.argv) > 5 else ""
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 
-import tiny_train  # noqa: E402
+from configs import tiny_train
 
 from stts_jax.train.trainer import train  # noqa: E402
 

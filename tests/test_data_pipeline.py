@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from stts_jax.config import stts_config, tiny_model_config
-from stts_jax.geometry import FrameLayout, placeholders_per_frame, prune_count, tokens_per_frame
 from stts_jax.data.examples import ExampleBuilder
+from stts_jax.geometry import FrameLayout, placeholders_per_frame, prune_count, tokens_per_frame
 from stts_jax.data.pipeline import (BATCH_KEYS, ExampleTooLongError, TooManyBadExamples, data_config, make_pipeline,
                                    open_source)
 from stts_jax.data.processor import normalize_pixels
@@ -266,12 +266,10 @@ def test_tiny_model_sees_the_same_example_packed_or_alone(dataset):
 
 def test_trainer_runs_on_the_video_pipeline(dataset, tmp_path):
     """The trainer's `data.kind="video"` input (`make_train_iterator`): train steps on packed synthetic batches."""
-    import sys
 
     from stts_jax.train.trainer import train
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-    import tiny_train
+    from configs import tiny_train
 
     data_dir, _, tokenizer = dataset
     cfg = tiny_train.get_config("none")

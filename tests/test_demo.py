@@ -50,7 +50,7 @@ def test_demo_quick_runs_every_stage_for_every_seed(tmp_path):
     assert lines["stts_0.5 - random_0.5"].rstrip(" |").endswith("/ 2")
 
     rows = read_csv(out / "eval.csv")
-    from stts_jax.train.evaluate import CSV_FIELDS
+    from stts_jax.eval.evaluate import CSV_FIELDS
 
     assert rows and list(rows[0]) == ["seed", *CSV_FIELDS]
     assert {(r["seed"], r["run"], r["method"], r["kind"]) for r in rows} >= {

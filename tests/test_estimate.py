@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stts_jax.train import estimate, sharding
+from stts_jax import estimate
+from stts_jax.train import sharding
 from stts_jax.train.inputs import random_micro_batch
 from stts_jax.train.optim import make_optimizer
 from stts_jax.train.step import init_state
 from stts_jax.train.trainer import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 
 def tiny_cfg(method="scorer"):
-    import tiny_train
+    from configs import tiny_train
 
     return tiny_train.get_config(method)
 
@@ -94,7 +94,7 @@ def test_abstract_batch_matches_the_trainers_global_batch():
 
 
 def test_batch_scaling_and_closed_forms():
-    import molmo2_4b_stts
+    from configs import molmo2_4b_stts
 
     base = molmo2_4b_stts.get_config("none")
     # unpruned: 81 placeholders + 4 layout/text tokens per frame, + 256 text tokens, rounded up to 128

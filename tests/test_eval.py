@@ -19,10 +19,10 @@ from stts_jax.data.examples import ExampleBuilder
 from stts_jax.data.processor import normalize_pixels
 from stts_jax.data.synthetic import ClipSpec, make_flash_clip, write_benchmark
 from stts_jax.data.tfds_builders.video_qa import VideoQa
+from stts_jax.eval import evaluate as ev
 from stts_jax.geometry import FrameLayout, placeholders_per_frame
 from stts_jax.interop import params_io
 from stts_jax.model.vlm import Molmo2VLM
-from stts_jax.train import evaluate as ev
 
 T = 8
 
@@ -133,10 +133,8 @@ def test_scorer_method_needs_a_scorer_and_transplant_names_what_is_missing(tmp_p
 
 def test_fine_tune_starts_from_a_training_workdir(tmp_path):
     """init_from = an unpruned run's workdir: the STTS run starts with its weights and a fresh scorer."""
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-    import tiny_train
+    from configs import tiny_train
 
     from stts_jax.train.trainer import load_own_init, train
 
@@ -180,7 +178,7 @@ def test_generation_scoring_reads_the_greedy_answer(flash_set):
     prediction is what parse_choice reads in the decoded text; both scorings give one prediction per example."""
     from tokenizers import Tokenizer
 
-    from stts_jax.train.scoring import parse_choice
+    from stts_jax.eval.scoring import parse_choice
 
     data_dir, records, tok = flash_set
     m = ev.with_stts(model("scorer"), "evs", 0.5)
@@ -279,10 +277,8 @@ def test_eval_during_training_equals_evaluating_the_saved_checkpoints(flash_set,
     """train.eval_every=2 on 4 steps (8-device mesh): eval.jsonl holds steps 2 and 4, each the accuracy that
     evaluating that step's saved checkpoint gives on one device; the train step still compiles once. A split that
     does not exist is refused before any work."""
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-    import demo as demo_config
+    from configs import demo as demo_config
 
     from stts_jax.config import ConfigError
     from stts_jax.train.trainer import train

@@ -9,8 +9,8 @@ from flax import nnx
 
 from oracle import tiny_hf_model, video_example
 from stts_helpers import stts_tiny_config
+from stts_jax import geometry
 from stts_jax.interop.hf_import import load_molmo2
-from stts_jax.model import pruning
 from stts_jax.model.generate import Generator, pad_prompts, sample_tokens
 from test_export import one_example_per_row, perturbed_model, torch_inputs
 
@@ -107,7 +107,7 @@ def test_pruned_generation_equals_recomputed_forward_and_shrinks_the_cache():
     prompts = []
     for n, q in zip(frames, [3, 7]):
         ids = [int(rng.integers(0, 100))]
-        for c in pruning.placeholder_counts(n, 9, 0.5):
+        for c in geometry.placeholder_counts(n, 9, 0.5):
             ids += [5, 6, t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
         prompts.append(ids + [int(x) for x in rng.integers(0, 100, q)])
     steps = 5
@@ -128,8 +128,8 @@ def test_pruned_generation_equals_recomputed_forward_and_shrinks_the_cache():
             for i, s in enumerate(seqs):
                 s.append(int(logits[i, len(s) - 1].argmax()))
     np.testing.assert_array_equal(out.tokens, np.array([s[-steps:] for s in seqs]))
-    unpruned = max(len(p) + pruning.prune_count(n, 9, 0.5) for p, n in zip(prompts, frames))  # W*T placeholders
+    unpruned = max(len(p) + geometry.prune_count(n, 9, 0.5) for p, n in zip(prompts, frames))  # W*T placeholders
     assert out.cache_length == max(len(p) for p in prompts) + steps < unpruned + steps
     assert out.keep is not None and out.keep.shape == (2, sum(frames), 9)
     real = out.keep[batch["frame_mask"].astype(bool)]  # [sum T, W]: each row's real frames
-    assert real.sum() == sum(pruning.kept_tokens(pruning.FrameLayout.videos(n), 9, 0.5) for n in frames)
+    assert real.sum() == sum(geometry.kept_tokens(geometry.FrameLayout.videos(n), 9, 0.5) for n in frames)

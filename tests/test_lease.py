@@ -88,8 +88,7 @@ def test_trainer_refuses_a_second_job_on_a_live_workdir_and_resumes_after_a_kill
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert os.path.exists(workdir / LEASE_FILE)
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import tiny_train
+    from configs import tiny_train
 
     saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     cfg = tiny_train.get_config()

@@ -174,7 +174,7 @@ def test_attention_tiles_stay_on_their_shard_and_every_tile_is_counted():
     """Row tiles on an 8-device mesh: the same values as one device, no row gathered across devices; and
     `counted_flops` sees every tile (XLA's cost analysis of the compiled loop counts its body once)."""
     from stts_jax.model import layers
-    from stts_jax.train.estimate import counted_flops, flops_of
+    from stts_jax.estimate import counted_flops, flops_of
     from stts_jax.train.sharding import batch_sharding, make_mesh
 
     rng = np.random.default_rng(3)

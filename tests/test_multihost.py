@@ -11,7 +11,6 @@ import numpy as np
 
 from stts_jax.train.trainer import train
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 
 def free_port() -> int:
@@ -43,7 +42,7 @@ def run_two_processes(tmp_path, variant=""):
 
 
 def test_two_processes_match_single_process(tmp_path):
-    import tiny_train
+    from configs import tiny_train
 
     cfg = tiny_train.get_config("scorer")
     cfg.train.update(steps=3, log_every=1, ckpt_every=100)
@@ -55,7 +54,7 @@ def test_two_processes_match_single_process(tmp_path):
 
 def test_two_processes_both_holding_dummy_videos_match_single_process(tmp_path):
     """Empty video slots (dummies) on BOTH hosts, anywhere in their rows: the same losses as one process."""
-    import tiny_train
+    from configs import tiny_train
 
     from stts_jax.train.inputs import random_micro_batch
 
@@ -85,7 +84,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     from stts_jax.data.tfds_builders.video_qa import VideoQa
     from stts_jax.interop import params_io
     from stts_jax.model.vlm import Molmo2VLM
-    from stts_jax.train import evaluate as ev
+    from stts_jax.eval import evaluate as ev
 
     manual, data_dir, ckpt = str(tmp_path / "manual"), str(tmp_path / "tfds"), str(tmp_path / "ckpt")
     write_benchmark(manual, 2, ClipSpec(num_frames=32, event_frames=5, object_radius=12), validation_clips=9,

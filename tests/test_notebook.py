@@ -24,8 +24,7 @@ def tiny_workdir(path: str) -> str:
     1 device, 1 video per batch and `masked` execution (no packed lax.cond): the train step compiles in about a
     third of the time; the notebook runs the model's own vision path, whichever the execution mode.
     """
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import tiny_train
+    from configs import tiny_train
 
     from stts_jax.train.trainer import train
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stts_jax import geometry
 from stts_jax.config import stts_config, tiny_model_config
-from stts_jax.model import pruning
 from stts_jax.model.vlm import Molmo2VLM
+from stts_jax.stts import selection, token_packing
 
 GRID, POOL, W = 27, 3, 81  # the real token geometry at a tiny width
 
@@ -62,13 +63,13 @@ def assert_packed_equals_masked(model, x, keep, num_rows):
     """Runs both executions on x [B, F, N, D] / keep [B, F, W]; asserts equality on every kept token of every
     row (and zeros at pruned positions unless some row overflowed). Returns (the plan's overflow [B],
     masked outputs, packed outputs)."""
-    plan = pruning.plan_packing(jnp.asarray(keep), num_rows)
+    plan = token_packing.plan_packing(jnp.asarray(keep), num_rows)
     overflow = np.asarray(plan.overflow)
     assert overflow.shape == (keep.shape[0],)
     with jax.default_matmul_precision("highest"):
         masked = later_outputs(model, x, keep, "masked", num_rows)
         packed = later_outputs(model, x, keep, "packed", num_rows)
-    kept = np.asarray(pruning.windows_to_patches(jnp.asarray(keep), GRID, POOL))  # [B, F, N]
+    kept = np.asarray(selection.windows_to_patches(jnp.asarray(keep), GRID, POOL))  # [B, F, N]
     for m, p in zip(masked, packed):
         m, p = np.asarray(m), np.asarray(p)
         assert p.shape == m.shape == x.shape
@@ -87,7 +88,7 @@ def test_packed_equals_masked_on_kept_tokens(model, name, slack):
     counts = PATTERNS[name](rng)
     keep = keep_rows([counts, rng.permutation(counts)], rng)
     x = jnp.asarray(rng.normal(size=(*keep.shape[:2], GRID * GRID, 32)).astype(np.float32))
-    num_rows = pruning.pack_rows(int(keep[0].sum()), W, slack)
+    num_rows = token_packing.packed_row_budget(int(keep[0].sum()), W, slack)
     overflow, _, _ = assert_packed_equals_masked(model, x, keep, num_rows)
     assert overflow[0] == overflow[1]
     if name == "all_41":  # 8 frames of 41 windows need 8 rows: overflow at slack 0.05, packed at 1.0
@@ -103,13 +104,13 @@ def test_one_overflowing_row_sends_the_whole_batch_to_masked(model):
     rng = np.random.default_rng(7)
     fitting = [[81, 20, 30, 25, 40, 35, 20, 30], [81, 2, 60, 5, 0, 41, 33, 9]]
     keep = keep_rows([[41] * 8] + fitting, rng)
-    num_rows = pruning.pack_rows(41 * 8, W, 0.05)  # 5 rows of 81 windows; 8 frames of 41 need 8
+    num_rows = token_packing.packed_row_budget(41 * 8, W, 0.05)  # 5 rows of 81 windows; 8 frames of 41 need 8
     x = jnp.asarray(rng.normal(size=(*keep.shape[:2], GRID * GRID, 32)).astype(np.float32))
     overflow, masked, packed = assert_packed_equals_masked(model, x, keep, num_rows)
     assert overflow.tolist() == [True, False, False]
     for m, p in zip(masked, packed):
         np.testing.assert_allclose(np.asarray(p), np.asarray(m), atol=1e-5, rtol=0)
-    kept = np.asarray(pruning.windows_to_patches(jnp.asarray(keep[1:]), GRID, POOL))
+    kept = np.asarray(selection.windows_to_patches(jnp.asarray(keep[1:]), GRID, POOL))
     overflow, _, packed = assert_packed_equals_masked(model, x[1:], keep[1:], num_rows)
     assert not overflow.any()
     assert all(np.all(np.asarray(p)[~kept] == 0) for p in packed), "fitting rows alone must take the packed branch"
@@ -119,12 +120,12 @@ def test_plan_keeps_every_window_exactly_once():
     rng = np.random.default_rng(3)
     for _ in range(20):
         keep = keep_rows([[81] + list(rng.integers(0, 82, size=11)) for _ in range(3)], rng)  # [3, 12, W]
-        num_rows = pruning.pack_rows(int(keep.sum((1, 2)).max()), W, 1.0)
-        plan = pruning.plan_packing(jnp.asarray(keep), num_rows)
+        num_rows = token_packing.packed_row_budget(int(keep.sum((1, 2)).max()), W, 1.0)
+        plan = token_packing.plan_packing(jnp.asarray(keep), num_rows)
         src, overflow = np.asarray(plan.source_window), np.asarray(plan.overflow)
         assert src.shape == (3, num_rows, W)
         for b in range(keep.shape[0]):
-            alone = pruning.plan_packing(jnp.asarray(keep[b:b + 1]), num_rows)  # rows are planned independently
+            alone = token_packing.plan_packing(jnp.asarray(keep[b:b + 1]), num_rows)  # rows are planned independently
             np.testing.assert_array_equal(np.asarray(alone.source_window)[0], src[b])
             assert bool(alone.overflow[0]) == overflow[b]
             if overflow[b]:
@@ -142,9 +143,9 @@ def test_gradients_agree(model):
     counts = [81, 40, 30, 45, 20, 41, 35, 39]
     keep = keep_rows([counts, [81, 35, 39, 20, 45, 30, 41, 40]], rng)  # two rows, different patterns
     x = jnp.asarray(rng.normal(size=(2, 8, GRID * GRID, 32)).astype(np.float32))
-    kept = jnp.asarray(pruning.windows_to_patches(jnp.asarray(keep), GRID, POOL))
-    num_rows = pruning.pack_rows(sum(counts), W, 0.05)
-    assert not np.asarray(pruning.plan_packing(jnp.asarray(keep), num_rows).overflow).any()  # packed is exercised
+    kept = jnp.asarray(selection.windows_to_patches(jnp.asarray(keep), GRID, POOL))
+    num_rows = token_packing.packed_row_budget(sum(counts), W, 0.05)
+    assert not np.asarray(token_packing.plan_packing(jnp.asarray(keep), num_rows).overflow).any()  # packed is exercised
     graphdef, state = nnx.split(model)
 
     def loss(state, x, execution):
@@ -168,7 +169,7 @@ def test_full_model_packed_equals_masked_and_compiles_once():
     model_p = Molmo2VLM(cfg_packed, rngs=nnx.Rngs(1))
     model_m = Molmo2VLM(cfg_masked, rngs=nnx.Rngs(1))
     graphdef, state = nnx.split(model_p)
-    layout = pruning.FrameLayout.videos(3, 2)
+    layout = geometry.FrameLayout.videos(3, 2)
 
     @jax.jit
     def forward_p(state, batch):

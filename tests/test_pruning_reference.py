@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from stts_jax.geometry import window_patch_ids
-from stts_jax.model.pruning import (FrameLayout, evs_scores, key_bias, pair_with_previous, protected_frames,
-                                    prune_count, rescale_scores, select_windows, temporal_loss)
+from stts_jax.geometry import FrameLayout, protected_frames, prune_count
+from stts_jax.stts.selection import key_bias, rescale_scores, select_windows
+from stts_jax.stts.temporal import evs_scores, pair_with_previous, temporal_loss
 
 FLOOR = math.exp(-2)
 ATOL = 1e-5

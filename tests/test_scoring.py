@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from stts_jax.train import scoring
+from stts_jax.eval import scoring
 
 
 def sandwich_se(correct, cluster_keys):
@@ -222,7 +222,7 @@ def test_write_results_and_format_summary(tmp_path):
 
 
 def test_parse_choice_reads_letters_then_option_texts():
-    from stts_jax.train.scoring import UNPARSED, parse_choice
+    from stts_jax.eval.scoring import UNPARSED, parse_choice
 
     opts = ["red car", "red", "blue", "green"]
     assert [parse_choice(t, opts) for t in ("B", " C.", "(D) green", "A) red car", "The best answer is: C",

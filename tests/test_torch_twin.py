@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from stts_helpers import stts_batch, stts_tiny_config
+from stts_jax import geometry
 from stts_jax.config import vit_config
+from stts_jax.geometry import video_pooling_indices
 from stts_jax.interop import hf_export
 from stts_jax.interop.torch_stts import STTSMolmo2, placeholder_counts, select_windows
-from stts_jax.geometry import video_pooling_indices
-from stts_jax.model import pruning
 from stts_jax.model.generate import Generator, pad_prompts
+from stts_jax.stts import selection
 from test_export import ROOT, jax_logits, one_example_per_row, perturbed_model, torch_inputs
 
 TOL = 1e-4
@@ -120,7 +121,7 @@ def test_twin_on_real_mp4_keeps_exact_counts_and_first_frames(tmp_path, bikes_mp
     keep = out.keep.numpy()
     start = 0
     for n in frames:
-        k = pruning.prune_count(n, W, 0.5)
+        k = geometry.prune_count(n, W, 0.5)
         assert keep[start:start + n].sum() == W * n - k and k > 0
         assert keep[start].all(), "the first frame must be kept whole"
         start += n
@@ -137,8 +138,8 @@ def test_twin_on_real_mp4_keeps_exact_counts_and_first_frames(tmp_path, bikes_mp
 def test_selection_ties_drop_the_lower_index_like_jax_top_k():
     scores = np.full((3, W), 0.5, np.float32)
     scores[1, 4] = 0.1
-    layout = pruning.FrameLayout.videos(3)
-    want = np.asarray(pruning.select_windows(jnp.asarray(scores)[None], layout, ratio=0.5))[0]  # one row
+    layout = geometry.FrameLayout.videos(3)
+    want = np.asarray(selection.select_windows(jnp.asarray(scores)[None], layout, ratio=0.5))[0]  # one row
     got = select_windows(torch.from_numpy(scores), [3], 0.5).numpy()
     np.testing.assert_array_equal(got, want)
 
@@ -148,4 +149,4 @@ def test_twin_imports_without_jax():
             "import stts_jax.interop.torch_stts as t; print(t.prune_count(64, 81, 0.5))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(pruning.prune_count(64, 81, 0.5))
+    assert out.stdout.strip() == str(geometry.prune_count(64, 81, 0.5))

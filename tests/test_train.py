@@ -14,11 +14,10 @@ from stts_jax.config import ConfigError
 from stts_jax.train.checkpoint import IncompatibleCheckpoint
 from stts_jax.train.trainer import train
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 
 def tiny_cfg(method="scorer", **train_overrides):
-    import tiny_train
+    from configs import tiny_train
 
     cfg = tiny_train.get_config(method)
     cfg.train.update(train_overrides)

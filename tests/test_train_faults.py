@@ -6,15 +6,12 @@ delivering) and checks that the run goes on or stops cleanly, and that the check
 
 import os
 import signal
-import sys
 import threading
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 from stts_jax.train import inputs, trainer  # noqa: E402
 from stts_jax.train.checkpoint import Checkpointer  # noqa: E402
@@ -23,7 +20,7 @@ from stts_jax.train.checkpoint import Checkpointer  # noqa: E402
 def tiny_cfg(**train_overrides):
     """The tiny run, 10 steps in every test (the step count is compiled into the LR schedule: one program, which
     the session's compilation cache then serves to every test)."""
-    import tiny_train
+    from configs import tiny_train
 
     cfg = tiny_train.get_config("scorer")
     cfg.train.update(steps=10, log_every=1, **train_overrides)

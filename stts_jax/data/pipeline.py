@@ -220,7 +220,7 @@ class _ScreenIterDataset(grain.IterDataset):
 
 # ------------------------------------------------------------------------------------------ host batch
 
-class HostBatch:
+class ToModelBatch:
     """Turns a batch of packed rows into the model's host batch (see module docstring); pads missing rows."""
 
     def __init__(self, geometry: BatchGeometry):
@@ -350,7 +350,7 @@ def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
         ds, length_struct=lengths,
         num_packing_bins=cfg.packing_bins or 2 * geometry.rows, seed=cfg.seed, shuffle_bins=cfg.shuffle)
     ds = ds.batch(geometry.rows, drop_remainder=False)
-    ds = ds.map(HostBatch(geometry))
+    ds = ds.map(ToModelBatch(geometry))
     if cfg.host_prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.host_prefetch)
     return Pipeline(ds, geometry, report)

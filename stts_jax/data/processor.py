@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from stts_jax.geometry import tokens_per_frame
+from stts_jax.geometry import placeholders_per_frame, tokens_per_frame
 
 F32, F64 = np.float32, np.float64
 _MIDPOINT_MASK = np.int64((1 << 29) - 1)  # float64 mantissa bits below float32 precision
@@ -348,3 +348,19 @@ def video_token_layout(cfg: ml_collections.ConfigDict, timestamp_ids: list[list[
         k = per_frame if tokens_per_frame_kept is None else tokens_per_frame_kept[i]
         ids += list(stamp) + [cfg.tokens.frame_start_id] + [cfg.tokens.image_patch_id] * k + [cfg.tokens.frame_end_id]
     return ids
+
+
+def random_video_prompt(cfg: ml_collections.ConfigDict, rng: np.random.Generator, num_frames: int, *,
+                        stamp_tokens: int = 2, vocab: int = 1000) -> list[int]:
+    """Returns the ids of a random-text video prompt with the real layout, for benchmarks and synthetic batches:
+    one text id, then per frame `stamp_tokens` text ids + <frame_start> + its placeholders (W, or the STTS
+    reservation) + <frame_end>. Text ids are drawn from [0, min(vocab, llm vocab)); callers add the question."""
+    high = min(cfg.llm.vocab_size, vocab)
+    first = [int(rng.integers(0, high))]
+    stamps = [[int(x) for x in rng.integers(0, high, stamp_tokens)] for _ in range(num_frames)]
+    return first + video_token_layout(cfg, stamps, list(placeholders_per_frame(cfg, num_frames)))
+
+
+def prompt_overhead_tokens(num_frames: int, stamp_tokens: int = 2) -> int:
+    """Returns the non-placeholder tokens of a video's frames: per frame its timestamp + <frame_start> + <frame_end>."""
+    return num_frames * (stamp_tokens + 2)

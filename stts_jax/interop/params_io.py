@@ -13,6 +13,7 @@ read, and the model config comes from the checkpoint's `config` item (its `model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -174,6 +175,76 @@ def is_train_workdir(path: str) -> bool:
         return True
     except ParamsCheckpointError:
         return False
+
+
+CHECKPOINT_KINDS = ("params", "train", "hf")
+
+
+def checkpoint_kind(path: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> str:
+    """Returns which checkpoint `path` is: `params` (state/ + model_config.json), `train` (a training workdir, its
+    checkpoints/ or one step) or `hf` (a Hugging Face directory: config.json + safetensors); only `kinds` count.
+    Raises ParamsCheckpointError naming the layouts looked for."""
+    if not os.path.isdir(path):
+        raise ParamsCheckpointError(f"{path} is not a directory")
+    if "params" in kinds and is_params_checkpoint(path):
+        return "params"
+    if "train" in kinds and is_train_workdir(path):
+        return "train"
+    if "hf" in kinds and os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    names = dict(params="a params checkpoint (state/ + model_config.json)",
+                 train="a training workdir (checkpoints/)", hf="a Hugging Face directory (config.json)")
+    raise ParamsCheckpointError(f"{path} is none of: " + "; ".join(names[k] for k in kinds))
+
+
+def checkpoint_model_config(path: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> ml_collections.ConfigDict:
+    """Returns the model config of any checkpoint kind without reading its weights (e.g. to build a mesh)."""
+    kind = checkpoint_kind(path, kinds)
+    if kind == "params":
+        return load_model_config(path)
+    if kind == "train":
+        return config_from_dict(saved_train_config(path)["model"], error=ParamsCheckpointError)
+    from stts_jax.interop.hf_export import read_config
+
+    return read_config(path)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What `load_checkpoint` found: the model, the kind, and for a training workdir its step and saved config."""
+
+    model: object  # Molmo2VLM
+    kind: str
+    step: int | None = None
+    train_config: dict | None = None  # the trainer's saved config (plain dict), for `train`
+
+
+def load_checkpoint(path: str, *, kinds: tuple[str, ...] = CHECKPOINT_KINDS, step: int | None = None,
+                    mesh=None) -> Checkpoint:
+    """Loads any checkpoint this project reads (see checkpoint_kind) — the one loader of every entry point.
+
+    `params` and `train` restore straight into their parameter shardings on `mesh` (else one device); an `hf`
+    directory loads through the importer (its scorer from stts_scorer.safetensors when present), then moves
+    onto the mesh. `step` picks a training checkpoint (latest by default).
+    """
+    kind = checkpoint_kind(path, kinds)
+    if kind == "params":
+        return Checkpoint(load_model(path, mesh=mesh), kind)
+    if kind == "train":
+        model, at = load_train_checkpoint(path, step, mesh=mesh)
+        return Checkpoint(model, kind, at, saved_train_config(path, at))
+    from absl import logging
+
+    from stts_jax.interop.hf_export import load_exported
+
+    model, report = load_exported(path)
+    if report.fresh:
+        logging.warning("%s lacks %s: initialised at random", path, report.fresh)
+    if mesh is not None:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params = jax.device_put(params, _param_shardings(params, mesh))
+        model = nnx.merge(graphdef, params, rest)
+    return Checkpoint(model, kind)
 
 
 def transplant(model, cfg: ml_collections.ConfigDict, *, seed: int = 0, fresh: tuple[str, ...] = (), mesh=None):

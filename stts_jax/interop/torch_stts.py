@@ -10,7 +10,7 @@ computes (spec: STTS_SPEC.md §3-7):
   flat index is dropped first, as jax.lax.top_k on negated scores) -> block p+1 on every token with the key
   bias log(s~) -> blocks p+2.. on the kept tokens of each frame only (frames gathered into padded rows) ->
   adapter on the kept windows -> the LLM on a sequence whose placeholders are regrouped per frame exactly as
-  `stts_jax.model.pruning.relayout_vision_tokens` does.
+  `stts_jax.model.selection.relayout_vision_tokens` does.
 
 The host reserves W*T - K `<im_patch>` placeholders per video (`placeholder_counts`; `reserve_placeholders`
 turns an unpruned Molmo2 prompt into one); every frame's block must end with `<frame_end>`.

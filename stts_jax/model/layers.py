@@ -113,7 +113,7 @@ def one_tile():
     For FLOP counts only: XLA's cost analysis counts a while loop's body once, so a program traced normally
     under-reports attention by its number of tiles. Trace (lower) a *fresh* jitted function inside this
     context (a function already traced outside it would be served from jax's trace cache), and run the
-    normal one outside it. `stts_jax.train.estimate.counted_flops` does both."""
+    normal one outside it. `stts_jax.estimate.counted_flops` does both."""
     previous, _ONE_TILE[0] = _ONE_TILE[0], True
     try:
         yield

@@ -36,13 +36,14 @@ from flax import nnx
 from stts_jax import geometry
 from stts_jax.config import validate_model_config
 from stts_jax.geometry import FrameLayout, tokens_per_frame
-from stts_jax.model import pruning
 from stts_jax.model.adapter import Adapter
 from stts_jax.model.layers import run_block
 from stts_jax.model.llm import LanguageModel
 from stts_jax.model.partitioning import constrain, under_mesh
-from stts_jax.model.scorer import TemporalTokenScorer
 from stts_jax.model.vit import VisionTransformer
+from stts_jax.stts import selection, token_packing
+from stts_jax.stts.decide import decide
+from stts_jax.stts.scorer import TemporalTokenScorer
 
 VISION_LAYOUT_TOKENS = ("image_patch_id", "image_col_id", "image_start_id", "low_res_image_start_id",
                         "frame_start_id", "image_end_id", "frame_end_id", "image_low_id")
@@ -130,7 +131,7 @@ class Molmo2VLM(nnx.Module):
             raise ValueError("STTS pruning is on (cfg.stts.method=%r): pass the static FrameLayout of a row's "
                              "frame slots" % st.method)
         w = tokens_per_frame(self.cfg)
-        return any(pruning.video_prune_counts(layout, w, st.prune_ratio, st.prune_from_frame))
+        return any(geometry.video_prune_counts(layout, w, st.prune_ratio, st.prune_from_frame))
 
     def vision_tokens(self, pixel_values: jax.Array, frame_mask: jax.Array, layout: FrameLayout | None = None,
                       rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
@@ -178,37 +179,21 @@ class Molmo2VLM(nnx.Module):
             hidden[i] = x
             if i != st.prune_at:
                 continue
-            rows_x = x.reshape(b, f, n, -1)
-            if st.method == "scorer":
-                scores = self.scorer(rows_x, layout, st.pairing)
-            elif st.method == "evs":
-                scores = pruning.evs_scores(rows_x, layout, grid=grid, pool=pool)
-            else:
-                if rng is None:
-                    raise ValueError("stts.method='random' needs an rng key")
-                scores = jax.random.uniform(rng, (b, f, w))
-            keep = pruning.select_windows(scores, layout, ratio=st.prune_ratio, prune_from_frame=st.prune_from_frame)
-            keep_patch = pruning.windows_to_patches(keep, grid, pool)  # [B, F, N]
-            if st.method == "scorer":
-                if st.score_bias:
-                    bias = pruning.key_bias(pruning.rescale_scores(
-                        scores, layout, grid=grid, pool=pool, ratio=st.prune_ratio,
-                        prune_from_frame=st.prune_from_frame, scope=st.rescale_scope,
-                        floor=st.bias_floor)).reshape(b * f, n)
-                temporal = pruning.temporal_loss(
-                    scores, rows_x, layout, grid=grid, pool=pool, ratio=st.prune_ratio,
-                    prune_from_frame=st.prune_from_frame, pairing=st.pairing, target_grad=st.aux_target_grad,
-                    frame_mask=frame_mask)
-        num_kept = pruning.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
+            decision = decide(x.reshape(b, f, n, -1), layout, st, grid=grid, pool=pool, scorer=self.scorer, rng=rng,
+                              frame_mask=frame_mask)
+            keep, scores, temporal = decision.keep, decision.scores, decision.temporal_loss
+            bias = None if decision.key_bias is None else decision.key_bias.reshape(b * f, n)
+            keep_patch = selection.windows_to_patches(keep, grid, pool)  # [B, F, N]
+        num_kept = geometry.kept_tokens(layout, w, st.prune_ratio, st.prune_from_frame)
         later = list(range(st.prune_at + 2, num_blocks))
         wanted = [layer for layer in later if layer in self.feature_layers]
         outs = self.later_blocks(x.reshape(b, f, n, -1), keep, later, wanted, st.execution,
-                                 pruning.pack_rows(num_kept, w, st.pack_slack), fallback=self.pack_fallback)
+                                 token_packing.packed_row_budget(num_kept, w, st.pack_slack), fallback=self.pack_fallback)
         hidden.update(zip(wanted, outs))
         features = jnp.concatenate([hidden[layer].reshape(b, f, n, -1) for layer in self.feature_layers], axis=-1)
         features = features * keep_patch[..., None].astype(features.dtype)  # zeros at pruned positions
         features = constrain(features.reshape(b, f * n, -1), ("batch", "tokens", "act"))
-        rows = pruning.kept_window_rows(keep, num_kept)
+        rows = selection.kept_window_rows(keep, num_kept)
         return features, rows, dict(temporal_loss=temporal, keep=keep, scores=scores)
 
     def later_blocks(self, x: jax.Array, keep: jax.Array, later: list[int], wanted: list[int], execution: str,
@@ -216,7 +201,7 @@ class Molmo2VLM(nnx.Module):
         """Returns the outputs [B, F, N, D] of ViT blocks `wanted` (subset of `later`) after pruning by keep [B, F, W].
 
         `masked`: key mask on the full [B, F, N] layout. `packed`: the same on `num_rows` packed rows of kept
-        tokens per batch row (see pruning.py), scattered back only where the adapter reads; when some batch
+        tokens per batch row (see stts/token_packing.py), scattered back only where the adapter reads; when some batch
         row's keep pattern does not fit, the batch takes the masked branch (lax.cond), so both are exact on
         every kept token. `fallback=False` drops that branch: only for reading the packed path's cost (XLA's
         cost analysis of a cond is the max of its branches); an overflowing pattern would then lose tokens.
@@ -225,7 +210,7 @@ class Molmo2VLM(nnx.Module):
             return []
         grid, pool = geometry.grid_size(self.cfg), self.cfg.adapter.pool_size
         b, f, n, d = x.shape
-        keep_patch = pruning.windows_to_patches(keep, grid, pool).reshape(b * f, 1, n)
+        keep_patch = selection.windows_to_patches(keep, grid, pool).reshape(b * f, 1, n)
         blocks = self.vit.blocks
 
         def masked(x):
@@ -237,10 +222,10 @@ class Molmo2VLM(nnx.Module):
 
         if execution == "masked":
             return masked(x)
-        plan = pruning.plan_packing(keep, num_rows)
+        plan = token_packing.plan_packing(keep, num_rows)
 
         def packed(x):
-            rows, row_mask = pruning.pack_tokens(x, plan, grid, pool)  # [B, R, S, D], [B, R, S, S]
+            rows, row_mask = token_packing.pack_tokens(x, plan, grid, pool)  # [B, R, S, D], [B, R, S, S]
             r, s = rows.shape[1:3]
             rows, row_mask = rows.reshape(b * r, s, d), row_mask.reshape(b * r, s, s)
             out = {}
@@ -248,7 +233,7 @@ class Molmo2VLM(nnx.Module):
                 rows = run_block(blocks[i], self.vit.remat, rows, mask=row_mask)
                 rows = constrain(rows.reshape(b, r, s, d), ("batch", "frames", "tokens", "act")).reshape(rows.shape)
                 if i in wanted:
-                    out[i] = pruning.unpack_tokens(rows.reshape(b, r, s, d), plan, f, grid, pool)
+                    out[i] = token_packing.unpack_tokens(rows.reshape(b, r, s, d), plan, f, grid, pool)
             return [out[layer] for layer in wanted]
 
         if not fallback:
@@ -262,7 +247,7 @@ class Molmo2VLM(nnx.Module):
         pixel_values, frame_mask, layout = row_inputs(batch, layout)
         tokens, valid, aux = self.vision_tokens(pixel_values, frame_mask, layout, rng)
         if "keep" in aux:
-            input_ids = pruning.relayout_vision_tokens(
+            input_ids = selection.relayout_vision_tokens(
                 input_ids, aux["keep"].sum(-1), placeholder_id=self.cfg.tokens.image_patch_id,
                 end_marker_ids=(self.cfg.tokens.frame_end_id, self.cfg.tokens.image_end_id), frame_mask=frame_mask)
         embeddings = splice_vision(self.llm.embed(input_ids), input_ids, tokens, valid, self.cfg.tokens.image_patch_id)

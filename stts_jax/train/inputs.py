@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from stts_jax import geometry
+from stts_jax.data.processor import prompt_overhead_tokens, random_video_prompt
 
 KINDS = ("random", "video")
 
@@ -25,7 +26,6 @@ def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
     """
     data, model = cfg.data, cfg.model
     rng = np.random.default_rng([cfg.train.seed, index])
-    t = model.tokens
     rows, videos = data.rows, data.videos_per_batch
     if videos % rows:
         raise ValueError(f"data.videos_per_batch={videos} does not split evenly over data.rows={rows} rows")
@@ -33,7 +33,7 @@ def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
     filled = np.random.default_rng([cfg.train.seed, index, 1]).random((rows, per_row)) >= data.get("empty_slots", 0.0)
     vocab = min(model.llm.vocab_size, 1000)
     counts = geometry.placeholders_per_frame(model, data.num_frames)
-    need = per_row * (1 + sum(c + 4 for c in counts) + data.answer_len)
+    need = per_row * (1 + sum(counts) + prompt_overhead_tokens(data.num_frames) + data.answer_len)
     if need > data.seq_len:
         raise ValueError(f"data.seq_len={data.seq_len} is too short for {per_row} videos of "
                          f"{data.num_frames} frames per row ({need} tokens)")
@@ -45,9 +45,7 @@ def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:
         seq = []
         for v in range(per_row):
             start = len(seq)
-            example = [int(rng.integers(0, vocab))]
-            for c in counts:
-                example += [int(x) for x in rng.integers(0, vocab, 2)] + [t.frame_start_id] + [t.image_patch_id] * c + [t.frame_end_id]
+            example = random_video_prompt(model, rng, data.num_frames, vocab=vocab)
             answer = [int(x) for x in rng.integers(0, vocab, data.answer_len)]
             if not filled[r, v]:  # an empty slot (its draws are still made: the other slots' data stay the same)
                 continue

@@ -45,9 +45,3 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, params: n
     return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                                              optax.multi_transform(transforms, group_labels(params))),
                                  max_consecutive_errors=NEVER_APPLY_NONFINITE)
-
-
-def learning_rates(optim: ml_collections.ConfigDict, total_steps: int, step: int) -> dict[str, float]:
-    """Returns each group's learning rate at `step` (for logging)."""
-    return {g: 0.0 if g in tuple(optim.freeze) else float(schedule(optim[f"lr_{g}"], optim, total_steps)(step))
-            for g in GROUPS}

@@ -64,14 +64,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(step, donate_argnums=0, **kwargs)
 
 
-def make_eval_loss(graphdef: nnx.GraphDef, layout: FrameLayout) -> Callable:
-    """Returns jitted (params, batch) -> metrics of one (non-accumulated) batch."""
-    @jax.jit
-    def evaluate(params, batch):
-        return total_loss(nnx.merge(graphdef, params), batch, layout, jax.random.key(0))[1]
-    return evaluate
-
-
 def shardings_of(tree):
     """Returns the tree of shardings of a tree of jax.Arrays."""
     return jax.tree.map(lambda x: x.sharding, tree)

@@ -3,7 +3,7 @@
 `train(cfg, workdir)` is what `launch/train.py` runs; tests call it in-process. A run resumes from the
 newest checkpoint in `workdir/checkpoints` (after checking the saved config is compatible), saves every
 `train.ckpt_every` steps (async) and on SIGTERM, and logs to stdout, `metrics.jsonl` and TensorBoard. With
-`train.eval_every` it runs the multiple-choice evaluator (`stts_jax.train.evaluate`, the run's own STTS method and
+`train.eval_every` it runs the multiple-choice evaluator (`stts_jax.eval.evaluate`, the run's own STTS method and
 ratio) on `data.path`'s `train.eval_split` every that many steps and at the last step, logged to `eval.jsonl` and
 TensorBoard (`eval/...`); with `train.profile_steps="a,b"` it writes a `jax.profiler` trace of steps a..b to
 `workdir/profile` (TensorBoard's profile plugin / xprof read it).
@@ -23,9 +23,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from stts_jax import geometry
 from stts_jax.config import ConfigError, validate_model_config
 from stts_jax.geometry import tokens_per_frame
-from stts_jax import geometry
 from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM, check_batch
 from stts_jax.train import checkpoint as ckpt_lib
@@ -113,11 +113,11 @@ def load_own_init(cfg: ml_collections.ConfigDict, mesh=None) -> Molmo2VLM | None
     path = cfg.train.init_from
     if not path:
         return None
-    if params_io.is_params_checkpoint(path):
-        own = params_io.load_model(path, mesh=mesh)
-    elif params_io.is_train_workdir(path):
-        own = params_io.load_train_checkpoint(path, mesh=mesh)[0]
-    else:
+    try:
+        own = params_io.load_checkpoint(path, kinds=("params", "train"), mesh=mesh).model
+    except params_io.ParamsCheckpointError:
+        if params_io.is_params_checkpoint(path) or params_io.is_train_workdir(path):
+            raise  # ours, but unreadable: say why rather than fall through to the Molmo2 importer
         return None
     model, fresh = params_io.transplant(own, cfg.model, seed=cfg.train.seed, fresh=("scorer",), mesh=mesh)
     logging.info("initialised from %s; fresh: %s", path, fresh)
@@ -330,7 +330,7 @@ class _Evaluator:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         from stts_jax.data.pipeline import find_tokenizer
-        from stts_jax.train import evaluate as ev
+        from stts_jax.eval import evaluate as ev
 
         self.cfg, self.every = cfg, int(cfg.train.eval_every)
         split = cfg.train.get("eval_split", "validation")
@@ -364,7 +364,7 @@ class _Evaluator:
         """Evaluates the parameters of `step`; returns the record written."""
         import json
 
-        from stts_jax.train import evaluate as ev
+        from stts_jax.eval import evaluate as ev
 
         cfg, st = self.cfg, self.cfg.model.stts
         result = ev.evaluate(nnx.merge(self.graphdef, params), cfg.data.path, split=self.split,
@@ -484,7 +484,7 @@ def _any_host(flag: bool) -> bool:
 
 def step_flops(step_fn, state, batch) -> float:
     """Returns XLA's FLOP count of one train step (for MFU)."""
-    from stts_jax.train.estimate import counted_flops
+    from stts_jax.estimate import counted_flops
 
     try:  # the lowered program's estimate: no second compilation
         return counted_flops(step_fn, state, batch)

@@ -9,7 +9,7 @@ token); with `scoring="generate"`, the option named by the greedily generated an
 Accuracy is reported per question kind and overall, with the vision tokens per example the LLM sees, so methods
 (none / scorer / evs / random) and frame counts (test-time scaling: more frames at the same token budget) can be
 put side by side; `EvalResult.summary()` gives the benchmark scores (per task, macro, by duration, standard
-errors clustered by video: `stts_jax.train.scoring`).
+errors clustered by video: `stts_jax.eval.scoring`).
 
 Batches are the input pipeline's batch-major host batches (pixel_values [R, T, N, P], frame_mask [R, T]: one
 video slot per row, `FrameLayout.video_slots(1, T)`), made device arrays by `sharding.to_global` on a mesh
@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from stts_jax import geometry
+from stts_jax.data.processor import prompt_overhead_tokens
 from stts_jax.geometry import FrameLayout
 from stts_jax.model.partitioning import under_mesh
 from stts_jax.model.vlm import Molmo2VLM
@@ -69,7 +70,7 @@ class EvalResult:
 
     def summary(self, benchmark: str = "") -> dict:
         """Returns the benchmark scores of the predictions (`scoring.summarize`: per task, macro, clustered SEs)."""
-        from stts_jax.train import scoring
+        from stts_jax.eval import scoring
 
         return scoring.summarize(self.examples, benchmark=benchmark)
 
@@ -134,9 +135,9 @@ EVAL_TEXT_TOKENS = 160  # question, options, instruction and chat markup of one 
 
 def eval_seq_len(cfg: ml_collections.ConfigDict, frames: int, method: str, ratio: float) -> int:
     """Returns the row length evaluation packs one example into: its vision placeholders (pruned with STTS),
-    10 tokens of timestamp and frame markers per frame, and EVAL_TEXT_TOKENS of text (longer ones are skipped and
+    10 tokens of timestamp (up to 8) and frame markers per frame, and EVAL_TEXT_TOKENS of text (longer ones are skipped and
     counted as `too_long`). `launch/estimate.py --program=eval` sizes its rows with it too."""
-    return vision_tokens_per_example(cfg, frames, method, ratio) + 10 * frames + EVAL_TEXT_TOKENS
+    return vision_tokens_per_example(cfg, frames, method, ratio) + prompt_overhead_tokens(frames, 8) + EVAL_TEXT_TOKENS
 
 
 def option_letter_ids(tok, count: int) -> list[int]:
@@ -238,7 +239,7 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
     """
     from stts_jax.data import pipeline as pipe
     from stts_jax.data.tokenizer import load_tokenizer
-    from stts_jax.train.scoring import UNPARSED, parse_choice
+    from stts_jax.eval.scoring import UNPARSED, parse_choice
 
     if scoring not in SCORINGS:
         raise EvalError(f"scoring must be one of {SCORINGS}, got {scoring!r}")

@@ -11,8 +11,8 @@ from flax import nnx
 
 from stts_jax.geometry import FrameLayout, grid_size, window_patch_ids
 from stts_jax.model.layers import DTYPES, Dense
-from stts_jax.model.pruning import pair_with_previous, window_features
 from stts_jax.model.vit import MultiHeadAttention
+from stts_jax.stts.temporal import pair_with_previous, window_features
 
 
 def _fan_in_truncated_normal(fan_in: int):

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from stts_jax import geometry
+from stts_jax.data.processor import prompt_overhead_tokens
 from stts_jax.model import layers
 from stts_jax.model.vlm import Molmo2VLM
 from stts_jax.train import sharding
@@ -59,7 +60,7 @@ def topology_name(tpu: str, chips: int) -> str:
 def tokens_per_video(cfg: ml_collections.ConfigDict, text_tokens: int) -> int:
     """Returns the LLM tokens of one video example: per frame 2 text + start + placeholders + end, plus text."""
     t = cfg.data.num_frames
-    return geometry.vision_tokens_per_video(cfg.model, t) + 4 * t + text_tokens
+    return geometry.vision_tokens_per_video(cfg.model, t) + prompt_overhead_tokens(t) + text_tokens
 
 
 def scale_batch(cfg: ml_collections.ConfigDict, data_parallel: int, *, global_batch: int, videos_per_device: int,
@@ -222,7 +223,7 @@ def estimate_eval(cfg: ml_collections.ConfigDict, mesh) -> StepEstimate:
     (`make_answer_logits`: ViT -> STTS -> adapter -> LLM, the answer position's logits), with parameters in
     their trainer shardings (as `load_model(..., mesh=)` restores them) and `cfg.data.rows` one-video rows split
     over (data, fsdp). No optimizer state; FLOPs = the forward's (`flops_step`), nothing executed."""
-    from stts_jax.train.evaluate import make_answer_logits
+    from stts_jax.eval.evaluate import make_answer_logits
 
     t0 = time.perf_counter()
     layout = frame_layout(cfg)
