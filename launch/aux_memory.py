@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from stts_jax import geometry
+from stts_jax import cli, geometry
 from stts_jax.stts import temporal
 
-_FRAMES = flags.DEFINE_list("frames", ["32", "64", "128"], "Frame counts (one video each).")
+_FRAMES = cli.frames([32, 64, 128], "Frame counts (one video each).")
 _GRAM = flags.DEFINE_bool("gram", False, "Also compile the full-Gram variant of the release, for contrast.")
 _WIDTH = flags.DEFINE_integer("width", 1152, "ViT width D.")
 GRID, POOL = 27, 3
@@ -51,7 +51,7 @@ def peak_bytes(fn, frames, width):
 def main(argv):
     del argv
     print(f"{'frames':>6} {'variant':>8} {'temp MiB':>10} {'temp/frame MiB':>15} {'inputs MiB':>11}")
-    for frames in map(int, _FRAMES.value):
+    for frames in _FRAMES.value:
         for name, fn in [("pairs", ours)] + ([("gram", gram)] if _GRAM.value else []):
             temp, arg = peak_bytes(fn, frames, _WIDTH.value)
             print(f"{frames:>6} {name:>8} {temp / 2**20:>10.1f} {temp / frames / 2**20:>15.2f} {arg / 2**20:>11.1f}")

@@ -43,9 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
-from stts_jax import geometry
+from stts_jax import cli, geometry
 from stts_jax.config import validate_model_config
 from stts_jax.data.processor import random_video_prompt
 from stts_jax.estimate import counted_flops
@@ -54,9 +53,9 @@ from stts_jax.model.vlm import Molmo2VLM, attention_mask, total_loss
 from stts_jax.stts import selection, token_packing
 from stts_jax.train import sharding
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Benchmark config file.")
-_FRAMES = flags.DEFINE_list("frames", ["16", "32", "64", "128"], "Frames per video.")
-_RATIOS = flags.DEFINE_list("ratios", ["0", "0.3", "0.5", "0.8"], "Prune ratios.")
+_CONFIG = cli.config("configs/bench_cpu.py", "Benchmark config file.")
+_FRAMES = cli.frames([16, 32, 64, 128])
+_RATIOS = cli.ratios([0.0, 0.3, 0.5, 0.8])
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs after compilation.")
 _FLOPS_ONLY = flags.DEFINE_bool("flops_only", False, "Only lower/compile: FLOPs, bytes, memory (no weights).")
@@ -274,7 +273,7 @@ def main(argv):
         return
     rows = []
     start = time.perf_counter()
-    for frames in map(int, _FRAMES.value):
+    for frames in _FRAMES.value:
         layout = geometry.FrameLayout.videos(frames)  # one row: one video of `frames` frames
         unpruned_cfg = base.copy_and_resolve_references()
         unpruned_cfg.stts.method = "none"
@@ -283,7 +282,7 @@ def main(argv):
         ucost, ureuse = measure_costs(unpruned, ubatch)
         utime = {} if _FLOPS_ONLY.value else measure_times(unpruned, ubatch, ureuse)
         del ureuse
-        for ratio in map(float, _RATIOS.value):
+        for ratio in _RATIOS.value:
             pcfg = base.copy_and_resolve_references()
             pcfg.stts.method = "scorer"
             pcfg.stts.prune_ratio = ratio
@@ -355,12 +354,12 @@ def run_peer(cfg) -> list[dict]:
 
     from stts_jax.interop.hf_export import export_hf
 
-    ratio = max(float(r) for r in _RATIOS.value) if _RATIOS.present else 0.5
+    ratio = max(_RATIOS.value) if _RATIOS.present else 0.5
     peak = matmul_gflops()
     print(f"# {jax.devices()[0].device_kind}: jax float32 matmul {peak:.1f} GFLOP/s (the attainable peak below); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
-    for frames in [int(f) for f in _FRAMES.value]:
+    for frames in _FRAMES.value:
         base = cfg.model.copy_and_resolve_references()
         base.stts.method = "none"
         layout = geometry.FrameLayout.videos(frames)

@@ -42,9 +42,10 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=False)
+from stts_jax import cli
+
+_CONFIG = cli.config()
 _CHIPS = flags.DEFINE_list("chips", ["8", "64", "256"], "Chip counts to estimate (one subprocess each).")
 _PLATFORM = flags.DEFINE_enum("platform", "auto", ["auto", "tpu", "cpu"],
                               "Simulated devices: TPU topology (needs libtpu), fake CPU devices, or tpu if available.")

@@ -27,13 +27,15 @@ import time
 
 from absl import app, flags, logging
 
-_CHECKPOINT = flags.DEFINE_list("checkpoint", None, "Training workdir(s) or params checkpoint(s).", required=True)
+from stts_jax import cli
+
+_CHECKPOINT = cli.checkpoint(many=True, help="Training workdir(s) or params checkpoint(s).", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "Prepared video_qa tfds dir (launch/prepare_data.py).", required=True)
 _SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json (default: in --data_dir or its parents).")
 _METHODS = flags.DEFINE_list("methods", ["none", "scorer", "random"], "STTS methods: none | scorer | evs | random.")
-_RATIOS = flags.DEFINE_list("ratios", ["0.5"], "Prune ratios for scorer / random.")
-_FRAMES = flags.DEFINE_list("frames", None, "Frames per video (default: the checkpoint's training frames).")
+_RATIOS = cli.ratios([0.5], "Prune ratios for scorer / random.")
+_FRAMES = cli.frames(None, "Frames per video (default: the checkpoint's training frames).")
 _MAX_FPS = flags.DEFINE_float("max_fps", 2.0, "Sampling-rate cap (frames per second of video); 0 = none.")
 _ROWS = flags.DEFINE_integer("rows", 8, "Examples per batch.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate at most this many examples (0 = all).")
@@ -126,7 +128,7 @@ def main(argv):
         import ml_collections
 
         tokenizer = find_tokenizer(ml_collections.ConfigDict(dict(path=_DATA.value, tokenizer="")))
-    ratios = [float(r) for r in _RATIOS.value]
+    ratios = list(_RATIOS.value)
     bad = sorted(set(_SCORING.value) - set(ev.SCORINGS))
     if bad:
         raise app.UsageError(f"--scoring: unknown {bad}; choose from {ev.SCORINGS}")
@@ -136,7 +138,7 @@ def main(argv):
     start = time.perf_counter()
     for path in _CHECKPOINT.value:
         model, train_frames, mesh = load(path)
-        frames = [int(f) for f in _FRAMES.value] if _FRAMES.value else [train_frames or 8]
+        frames = list(_FRAMES.value) if _FRAMES.value else [train_frames or 8]
         run = os.path.basename(os.path.normpath(path))
         methods = [m for m in _METHODS.value if m != "scorer" or model.scorer is not None]
         for method in sorted(set(_METHODS.value) - set(methods)):

@@ -16,10 +16,11 @@ A live model exports with `stts_jax.interop.hf_export.export_hf(model, model.cfg
 """
 
 import os
-import sys
 import time
 
 from absl import app, flags, logging
+
+from stts_jax import cli
 
 _PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (state/ + model_config.json).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).")
@@ -50,23 +51,19 @@ def run(params: str, out: str, *, dtype: str = "float32", max_shard_size="2GB", 
 
 def main(argv):
     del argv
-    if not _PARAMS.value or not _OUT.value:
-        raise app.UsageError("--params and --out are required")
     from stts_jax.interop.hf_export import ExportError
     from stts_jax.interop.params_io import ParamsCheckpointError
 
     t0 = time.perf_counter()
-    try:
+    with cli.refusals(ExportError, ParamsCheckpointError):
         report = run(_PARAMS.value, _OUT.value, dtype=_DTYPE.value, max_shard_size=_MAX_SHARD.value,
                      overwrite=_OVERWRITE.value, copy_tokenizer_from=_TOKENIZER_FROM.value, step=_STEP.value)
-    except (ExportError, ParamsCheckpointError) as e:
-        print(f"export: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"exported {report.tensors} tensors in {len(report.shards)} shard(s) + {report.scorer_tensors} scorer "
           f"tensors, {report.bytes_written / 1e6:.1f} MB {report.dtype}, to {report.out_dir} in "
           f"{time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["params", "out"])
     logging.set_verbosity(logging.WARNING)
     app.run(main)

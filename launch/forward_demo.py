@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
+from stts_jax import cli
 from stts_jax.config import validate_model_config
 from stts_jax.data.processor import patchify, resize_frames, video_token_layout
 from stts_jax.data.synthetic import moving_square_frames, write_mp4
@@ -25,7 +25,7 @@ from stts_jax.data.video import decode_frames, uniform_frame_indices
 from stts_jax.geometry import FrameLayout, placeholders_per_frame, tokens_per_frame
 from stts_jax.model.vlm import Molmo2VLM, check_batch, make_forward
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
+_CONFIG = cli.config("configs/tiny.py")
 _VIDEO = flags.DEFINE_string("video", None, "An mp4 to run on; default: a synthetic clip written with PyAV.")
 
 

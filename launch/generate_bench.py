@@ -16,16 +16,15 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
-from stts_jax import geometry
+from stts_jax import cli, geometry
 from stts_jax.config import stts_config, validate_model_config
 from stts_jax.data.processor import random_video_prompt
 from stts_jax.model.generate import Generator, pad_prompts
 from stts_jax.model.vlm import Molmo2VLM
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_cpu.py", "Model config file (cfg.model).")
-_FRAMES = flags.DEFINE_list("frames", ["16", "32"], "Frames per video.")
+_CONFIG = cli.config("configs/bench_cpu.py", "Model config file (cfg.model).")
+_FRAMES = cli.frames([16, 32])
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Prune ratio of the pruned run.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Videos (rows) per batch; question lengths differ per row.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "New tokens per row (decode steps + 1).")
@@ -76,7 +75,7 @@ def main(argv):
               f"{'cache unpr MB':>14} {'cache pru MB':>13} {'cache ratio':>12} {'decode unpr ms/tok':>19} "
               f"{'decode pru ms/tok':>18}")
     print(header)
-    for frames in [int(f) for f in _FRAMES.value]:
+    for frames in _FRAMES.value:
         t0 = time.perf_counter()
         layout = geometry.FrameLayout.videos(frames)  # every row: one video of `frames` frames
         a = measure(plain, layout, make_batch(plain_cfg, frames, _BATCH.value), _MAX_NEW.value, _REPEATS.value)

@@ -11,10 +11,11 @@ PATH/model_config.json (`stts_jax.interop.params_io`).
 """
 
 import os
-import sys
 import time
 
 from absl import app, flags, logging
+
+from stts_jax import cli
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Molmo2 directory.")
 _OUT = flags.DEFINE_string("out", None, "Params checkpoint directory to write.")
@@ -47,19 +48,14 @@ def run(hf_dir: str, out: str, *, stts: bool = False, prune_ratio: float | None 
 
 def main(argv):
     del argv
-    if not _HF_DIR.value or not _OUT.value:
-        raise app.UsageError("--hf_dir and --out are required")
     from stts_jax.config import ConfigError
     from stts_jax.interop.hf_import import CheckpointError
     from stts_jax.interop.params_io import ParamsCheckpointError
 
     t0 = time.perf_counter()
-    try:
+    with cli.refusals(CheckpointError, ParamsCheckpointError, ConfigError):
         model, report = run(_HF_DIR.value, _OUT.value, stts=_STTS.value, prune_ratio=_RATIO.value,
                             prune_at=_PRUNE_AT.value, overwrite=_OVERWRITE.value)
-    except (CheckpointError, ParamsCheckpointError, ConfigError) as e:
-        print(f"import_hf: {e}", file=sys.stderr)
-        sys.exit(2)
     st = model.cfg.stts
     print(f"imported {report.loaded} tensors ({report.layout} layout) from {_HF_DIR.value} -> {_OUT.value} in "
           f"{time.perf_counter() - t0:.1f} s; STTS {st.method}"
@@ -68,5 +64,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["hf_dir", "out"])
     logging.set_verbosity(logging.WARNING)
     app.run(main)

@@ -13,6 +13,7 @@ import time
 
 from absl import app, flags
 
+from stts_jax import cli
 from stts_jax.config import MOLMO2_TOKENS, tiny_model_config
 from stts_jax.data import synthetic
 
@@ -21,7 +22,7 @@ _NUM = flags.DEFINE_integer("num_clips", 400, "Training clips.")
 _VAL = flags.DEFINE_integer("validation_clips", 0, "Validation clips (written after the training clips).")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed; clip i uses seed * 1_000_003 + i.")
 _SIZE = flags.DEFINE_integer("size", 128, "Frame side in pixels (even).")
-_FRAMES = flags.DEFINE_integer("frames", 64, "Frames per clip.")
+_FRAMES = cli.frames(64, "Frames per clip.")
 _FPS = flags.DEFINE_integer("fps", 8, "Frames per second.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Processes writing clips.")
 _RADIUS = flags.DEFINE_integer("object_radius", 7, "Object radius in pixels.")

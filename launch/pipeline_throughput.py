@@ -17,7 +17,9 @@ import time
 
 from absl import app, flags, logging
 
-_FRAMES = flags.DEFINE_list("frames", ["16", "64"], "Frames per clip (T).")
+from stts_jax import cli
+
+_FRAMES = cli.frames([16, 64], "Frames per clip (T).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Decoding worker processes to compare.")
 _IMAGE = flags.DEFINE_integer("image_size", 126, "Model frame size: 126 (tiny config) or 378 (Molmo2).")
 _SOURCE = flags.DEFINE_integer("source_size", 256, "Side of the synthetic source clips in pixels.")
@@ -67,11 +69,12 @@ def _seq_len(data_dir, tokenizer, model_cfg, frames):
 def _time_pipeline(data_dir, tokenizer, model_cfg, frames, workers):
     import numpy as np
 
-    from stts_jax.data.pipeline import data_config, make_pipeline
+    from stts_jax.config import data_config
+    from stts_jax.data.pipeline import make_pipeline
 
-    cfg = data_config(data_dir=data_dir, tokenizer=tokenizer, num_frames=frames,
-                      seq_len=_seq_len(data_dir, tokenizer, model_cfg, frames),
-                      rows=_ROWS.value, videos_per_row=_VIDEOS.value, num_epochs=None, num_workers=workers)
+    cfg = data_config(kind="video", path=data_dir, tokenizer=tokenizer, num_frames=frames,
+                      seq_len=_seq_len(data_dir, tokenizer, model_cfg, frames), rows=_ROWS.value,
+                      videos_per_batch=_ROWS.value * _VIDEOS.value, num_epochs=None, workers=workers)
     cpu_before = _cpu_seconds()
     pipeline = make_pipeline(cfg, model_cfg, process_index=0, process_count=1)
     it = iter(pipeline)
@@ -149,7 +152,7 @@ def _run(root, model_cfg):
     header += f" {'clips/batch':>11}"
     header += f" {'model steps/s':>13} {'model clips/s':>13}" if _MODEL.value and _IMAGE.value == 126 else ""
     print(header)
-    for frames in (int(f) for f in _FRAMES.value):
+    for frames in _FRAMES.value:
         data_dir, tokenizer = _prepare(root, frames)
         steps_s = None
         for workers in (int(w) for w in _WORKERS.value):

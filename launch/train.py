@@ -8,9 +8,10 @@ The config file's docstring holds the command that runs it. Resumes automaticall
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
+from stts_jax import cli
+
+_CONFIG = cli.config(lock=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; a run resumes from here.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])

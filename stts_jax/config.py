@@ -231,26 +231,124 @@ def validate_stts_config(cfg: ml_collections.ConfigDict) -> None:
     _require(not st.refill, "stts.refill", "refill (ViT context for lonely frames) is not implemented; use False")
 
 
+DATA_KINDS = ("random", "video")  # random: synthetic batches, no files; video: prepared video-QA records
+SAMPLERS = ("uniform_last_frame", "transformers")  # frame samplers of stts_jax.data.video
+ON_BAD_VIDEO = ("skip", "fail")
+PARAM_GROUPS = ("vit", "adapter", "llm", "scorer")  # optimizer groups (one learning rate each)
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Returns the one data section: a training config's `data`, consumed as is by the video pipeline
+    (stts_jax.data.pipeline.make_pipeline) and by evaluation. Every shape-deciding field is a Python int."""
+    cfg = ml_collections.ConfigDict(dict(
+        kind="random",  # random (no data needed) | video (prepared video-QA records, stts_jax.data)
+        path="",  # tfds data dir holding video_qa/<version>/ (or that version dir itself)
+        split="train",
+        tokenizer="",  # tokenizer.json (or a directory holding one); "" = look in `path` and its parents
+        num_frames=64,  # T: frames sampled per video (static; short clips repeat frames)
+        max_fps=2.0,
+        sampler="uniform_last_frame",  # | "transformers"
+        videos_per_batch=8,  # video slots per (micro-)batch over all hosts: videos_per_batch / rows per row
+        rows=8,  # packed rows (sequences) per (micro-)batch over all hosts
+        seq_len=8192,  # tokens per packed row
+        packing_bins=0,  # rows packed at once (first-fit); 0 = 2 * rows per host
+        shuffle=True,
+        shuffle_seed=0,
+        num_epochs=None,  # None = repeat forever (training); evaluation reads 1
+        workers=0,  # decoding processes (Grain mp_prefetch); 0 = decode in this process
+        worker_buffer=2,  # examples buffered per worker
+        read_threads=1,  # decoding threads per process (0 = decode on the consuming thread)
+        read_buffer=4,  # examples decoded ahead per process
+        host_prefetch=2,  # finished batches prepared ahead on a thread (0 = off)
+        decode_threads=1,  # FFmpeg threads per decode
+        decode_timeout_s=600.0,  # > 0: decode each video in a child process within this time (0: in this process)
+        decode_memory_gb=8.0,  # ... and this much memory; past either, the example is a counted skip
+        on_bad_video="skip",  # skip (count and report) | fail
+        max_consecutive_bad=16,  # skipping: this many bad examples in a row stop the run ...
+        max_bad_fraction=0.25,  # ... and so does a larger share of bad examples, once bad_fraction_after were read
+        bad_fraction_after=64,
+        answer_len=4,  # random data only
+        empty_slots=0.0,  # random data only: share of video slots left empty (zeros, frame_mask 0), anywhere in a row
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def validate_data_config(data: ml_collections.ConfigDict, prefix: str = "data.") -> ml_collections.ConfigDict:
+    """Raises ConfigError naming the first impossible field of a data section (`prefix` + name); returns it."""
+    def need(cond, name, message):
+        _require(cond, prefix + name, message)
+
+    need(data.kind in DATA_KINDS, "kind", f"must be one of {DATA_KINDS}, got {data.kind!r}")
+    need(data.num_frames >= 1 and data.videos_per_batch >= 1 and data.rows >= 1, "num_frames",
+         "num_frames, videos_per_batch and rows must be >= 1")
+    need(data.videos_per_batch % data.rows == 0, "videos_per_batch",
+         f"{data.videos_per_batch} video slots do not split evenly over {prefix}rows={data.rows} rows "
+         "(every row holds videos_per_batch / rows slots)")
+    need(data.seq_len >= 1, "seq_len", f"must be >= 1, got {data.seq_len}")
+    need(data.sampler in SAMPLERS, "sampler", f"must be one of {SAMPLERS}, got {data.sampler!r}")
+    need(data.on_bad_video in ON_BAD_VIDEO, "on_bad_video", f"must be one of {ON_BAD_VIDEO}, got {data.on_bad_video!r}")
+    need(data.num_epochs is None or data.num_epochs >= 1, "num_epochs", f"must be None or >= 1, got {data.num_epochs}")
+    need(data.workers >= 0, "workers", f"must be >= 0, got {data.workers}")
+    need(data.max_consecutive_bad >= 1 and 0.0 < data.max_bad_fraction <= 1.0 and data.bad_fraction_after >= 1,
+         "max_consecutive_bad", "max_consecutive_bad (>= 1), max_bad_fraction (in (0, 1]) and bad_fraction_after "
+         f"(>= 1): got {data.max_consecutive_bad}, {data.max_bad_fraction}, {data.bad_fraction_after}")
+    return data
+
+
+def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first impossible field of a training config (before any work)."""
+    import os
+
+    for section in ("model", "data", "mesh", "optim", "train"):
+        _require(section in cfg, section, "missing section")
+    validate_model_config(cfg.model)
+    tr, data, optim = cfg.train, cfg.data, cfg.optim
+    _require(tr.steps > 0, "train.steps", f"must be > 0, got {tr.steps}")
+    _require(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
+    _require(tr.log_every >= 1 and tr.ckpt_every >= 1 and tr.keep_ckpts >= 1, "train.log_every",
+             "log_every, ckpt_every and keep_ckpts must be >= 1")
+    _require(tr.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {tr.max_nonfinite}")
+    _require(tr.keep_period >= 0 and tr.keep_period % tr.ckpt_every == 0, "train.keep_period",
+             f"must be 0 (off) or a multiple of train.ckpt_every={tr.ckpt_every}, got {tr.keep_period}")
+    for group in tuple(optim.freeze):
+        _require(group in PARAM_GROUPS, "optim.freeze", f"unknown group {group!r}; groups are {PARAM_GROUPS}")
+    _require(data.get("kind") in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {data.get('kind')!r}")
+    if data.kind != "random":
+        _require(bool(data.path) and os.path.exists(data.path), "data.path",
+                 f"dataset path {data.path!r} does not exist")
+    validate_data_config(data)
+    if tr.init_from:
+        _require(os.path.isdir(tr.init_from), "train.init_from", f"checkpoint directory {tr.init_from!r} does not exist")
+    _require(tr.get("eval_every", 0) >= 0, "train.eval_every", f"must be >= 0 (0 = off), got {tr.get('eval_every')}")
+    if tr.get("eval_every", 0):
+        _require(data.kind == "video", "train.eval_every",
+                 f"evaluation during training reads a split of data.path; data.kind={data.kind!r} has none")
+        _require(tr.get("eval_max_examples", 0) >= 0, "train.eval_max_examples", "must be >= 0 (0 = the whole split)")
+    _require(tr.get("lease_stale_s", 300.0) > 0, "train.lease_stale_s", f"must be > 0, got {tr.get('lease_stale_s')}")
+    profile_range(cfg)
+
+
+def profile_range(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """Returns train.profile_steps as (first, last) 1-based steps, None when off; ConfigError when malformed."""
+    spec = str(cfg.train.get("profile_steps", "") or "").strip()
+    if not spec:
+        return None
+    try:
+        first, last = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"config field `train.profile_steps`: expected 'first,last' (two step numbers), got "
+                          f"{spec!r}") from None
+    _require(1 <= first <= last <= cfg.train.steps, "train.profile_steps",
+             f"need 1 <= first <= last <= train.steps={cfg.train.steps}, got {first},{last}")
+    return first, last
+
+
 def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """Returns a full training config (model, data, mesh, optim, train) with the paper's optimizer defaults."""
     return ml_collections.ConfigDict(dict(
         model=model if model is not None else model_config(),
-        data=dict(
-            kind="random",  # random (no data needed) | video (prepared video-QA records, stts_jax.data)
-            path="",
-            tokenizer="",  # tokenizer.json; "" = look in data.path and its parents
-            num_frames=64,  # frames sampled per video (static)
-            videos_per_batch=8,  # videos per micro-batch, all hosts (static)
-            rows=8,  # sequences per micro-batch, all hosts
-            seq_len=8192,
-            answer_len=4,  # random data only
-            empty_slots=0.0,  # random data only: share of video slots left empty (zeros, frame_mask 0), anywhere in a row
-            workers=0,
-            shuffle_seed=0,
-            on_bad_video="skip",  # skip (count and report) | fail
-            max_consecutive_bad=16,  # skipping: this many bad examples in a row stop the run ...
-            max_bad_fraction=0.25,  # ... and so does a larger share of bad examples (once 64 were read)
-        ),
+        data=data_config(),
         mesh=dict(data=-1, fsdp=1, tensor=1),  # -1 fills with the remaining devices; fsdp=0: the largest fsdp dividing every embed width
         optim=dict(
             lr_vit=5e-6, lr_adapter=5e-6, lr_llm=1e-5, lr_scorer=1e-4,

@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from stts_jax.config import stts_config, tiny_model_config
-from stts_jax.data.pipeline import BadExampleError, TooManyBadExamples, data_config, make_pipeline
+from stts_jax.config import data_config, stts_config, tiny_model_config
+from stts_jax.data.pipeline import BadExampleError, TooManyBadExamples, make_pipeline
 from stts_jax.data.synthetic import write_benchmark, write_mp4
 from stts_jax.data.video import VideoDecodeError, decode_clip, probe_video
 
@@ -94,8 +94,8 @@ def _records(paths):
 def _pipeline(records, tokenizer, on_error="skip", workers=0):
     cfg = tiny_model_config()
     cfg.stts = stts_config(method="scorer", prune_ratio=0.5, prune_at=0)
-    data = data_config(tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2, videos_per_row=4,
-                       shuffle=False, on_error=on_error, num_workers=workers)
+    data = data_config(kind="video", tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2,
+                       videos_per_batch=8, shuffle=False, num_epochs=1, on_bad_video=on_error, workers=workers)
     return make_pipeline(data, cfg, source=records, process_index=0, process_count=1)
 
 
@@ -209,8 +209,8 @@ def test_every_per_example_failure_is_a_counted_skip(tokenizer, tmp_path):
 def test_a_dataset_of_bad_examples_stops_with_one_line_instead_of_looping(bad_files, tokenizer, tmp_path):
     missing = [str(tmp_path / f"moved_{i}.mp4") for i in range(20)]
     cfg = tiny_model_config()
-    data = data_config(tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2, videos_per_row=4,
-                       shuffle=False, num_epochs=None)  # repeating forever: this used to spin without end
+    data = data_config(kind="video", tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2,
+                       videos_per_batch=8, shuffle=False, num_epochs=None)  # repeating forever: this used to spin without end
     t0 = time.perf_counter()
     with pytest.raises(TooManyBadExamples, match=r"^stopping: 16 consecutive bad examples; skipped 16 bad examples "
                                                  r"\(unreadable: 16\); last: .*moved_15\.mp4: cannot read"):
@@ -382,8 +382,8 @@ def test_decoding_in_a_child_process_costs_one_example_on_timeout_or_out_of_memo
     # in the pipeline: the over-cap video is one counted skip between good ones
     cfg = tiny_model_config()
     cfg.stts = stts_config(method="scorer", prune_ratio=0.5, prune_at=0)
-    data = data_config(tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2, videos_per_row=4,
-                       shuffle=False, decode_memory_gb=0.1)
+    data = data_config(kind="video", tokenizer=tokenizer, num_frames=SPEC_FRAMES, seq_len=512, rows=2,
+                       videos_per_batch=8, shuffle=False, num_epochs=1, decode_memory_gb=0.1)
     pipeline = make_pipeline(data, cfg, source=_records([small, big, small]), process_index=0, process_count=1)
     it = iter(pipeline)
     seen = [r for batch in it for r in batch["record"][batch["record"] >= 0].tolist()]

@@ -13,10 +13,10 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from stts_jax.config import stts_config, tiny_model_config
+from stts_jax.config import data_config, stts_config, tiny_model_config
 from stts_jax.data.examples import ExampleBuilder
 from stts_jax.geometry import FrameLayout, placeholders_per_frame, prune_count, tokens_per_frame
-from stts_jax.data.pipeline import (BATCH_KEYS, ExampleTooLongError, TooManyBadExamples, data_config, make_pipeline,
+from stts_jax.data.pipeline import (BATCH_KEYS, ExampleTooLongError, TooManyBadExamples, make_pipeline,
                                    open_source)
 from stts_jax.data.processor import normalize_pixels
 from stts_jax.data.synthetic import ClipSpec, write_benchmark
@@ -49,7 +49,8 @@ def dataset(tmp_path_factory):
 
 def pipeline(dataset, ratio=0.5, **overrides):
     data_dir, _, tokenizer = dataset
-    kw = dict(data_dir=data_dir, tokenizer=tokenizer, num_frames=T, seq_len=1024, rows=2, videos_per_row=8)
+    kw = dict(kind="video", path=data_dir, tokenizer=tokenizer, num_frames=T, seq_len=1024, rows=2,
+              videos_per_batch=16, num_epochs=1)
     kw.update(overrides)
     return make_pipeline(data_config(**kw), model_config(ratio), process_index=0, process_count=1)
 
@@ -134,7 +135,7 @@ def test_rows_are_at_least_90_percent_full(dataset):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restoring_iterator_state_reproduces_batches(dataset, workers):
-    p = pipeline(dataset, num_epochs=None, num_workers=workers, seq_len=512, videos_per_row=4)
+    p = pipeline(dataset, num_epochs=None, workers=workers, seq_len=512, videos_per_batch=8)
     it = iter(p)
     for _ in range(3):
         next(it)
@@ -151,10 +152,10 @@ def test_restoring_iterator_state_reproduces_batches(dataset, workers):
 
 
 def test_example_longer_than_a_row_is_an_error_naming_it(dataset):
-    """on_error="fail": the first over-long example raises, named; "skip": each is a counted skip, and a dataset
+    """on_bad_video="fail": the first over-long example raises, named; "skip": each is a counted skip, and a dataset
     where every example is too long stops at the skip budget instead of looping."""
     with pytest.raises(ExampleTooLongError, match=r"bad example 'clip_\d+_\w+': record \d+ has \d+ tokens.*seq_len=64"):
-        next(iter(pipeline(dataset, seq_len=64, on_error="fail")))
+        next(iter(pipeline(dataset, seq_len=64, on_bad_video="fail")))
     with pytest.raises(TooManyBadExamples, match=r"stopping: 4 consecutive bad examples; skipped 4 bad examples "
                                                    r"\(too_long: 4\)"):
         next(iter(pipeline(dataset, seq_len=64, num_epochs=None, max_consecutive_bad=4)))
@@ -164,7 +165,8 @@ def test_host_slices_partition_the_data(dataset):
     data_dir, records, tokenizer = dataset
     seen = []
     for host in range(2):
-        data = data_config(data_dir=data_dir, tokenizer=tokenizer, num_frames=4, seq_len=512, rows=4, videos_per_row=4)
+        data = data_config(kind="video", path=data_dir, tokenizer=tokenizer, num_frames=4, seq_len=512, rows=4,
+                           videos_per_batch=16, num_epochs=1)
         p = make_pipeline(data, model_config(0.5), process_index=host, process_count=2)
         assert p.geometry.rows == 2 and p.layout == FrameLayout.video_slots(4, 4)  # one row: 4 videos x T
         host_seen = [int(i) for b in p for i in b["record"][b["record"] >= 0]]
@@ -178,7 +180,7 @@ def test_global_batch_on_the_mesh(dataset):
     are split over the 8 simulated devices when they divide, else replicated."""
     mesh = make_mesh()  # 8 simulated devices on the data axis
     for rows, sharded in ((8, True), (2, False)):
-        p = pipeline(dataset, num_frames=4, seq_len=256, rows=rows, videos_per_row=2)
+        p = pipeline(dataset, num_frames=4, seq_len=256, rows=rows, videos_per_batch=2 * rows)
         it = iter(p)
         batch = next(it)
         it.close()
@@ -206,7 +208,7 @@ def test_packed_rows_frames_agree_with_their_placeholders(dataset, ratio):
     image-patch placeholders are exactly the vision tokens the model makes of its real frames, its empty slots
     hold zeros, and vlm.check_batch accepts the batch, unpruned and with STTS at 0.5."""
     cfg = model_config(ratio)
-    p = pipeline(dataset, ratio, shuffle=False, num_frames=4, seq_len=300, rows=3, videos_per_row=4)
+    p = pipeline(dataset, ratio, shuffle=False, num_frames=4, seq_len=300, rows=3, videos_per_batch=12)
     layout = p.layout
     assert layout == FrameLayout.video_slots(4, 4)
     empty_slots = empty_rows = 0
@@ -230,8 +232,8 @@ def test_tiny_model_sees_the_same_example_packed_or_alone(dataset):
     cfg = model_config(0.5)
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(0))
     keys = ("input_ids", "segment_ids", "positions", "pixel_values", "frame_mask")
-    packed_pipe = pipeline(dataset, shuffle=False, num_frames=4, seq_len=300, rows=2, videos_per_row=4)
-    alone_pipe = pipeline(dataset, shuffle=False, num_frames=4, seq_len=128, rows=1, videos_per_row=1)
+    packed_pipe = pipeline(dataset, shuffle=False, num_frames=4, seq_len=300, rows=2, videos_per_batch=8)
+    alone_pipe = pipeline(dataset, shuffle=False, num_frames=4, seq_len=128, rows=1, videos_per_batch=1)
 
     graphdef, state = nnx.split(model)
     compiled = {}

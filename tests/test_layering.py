@@ -17,6 +17,7 @@ PACKAGE = os.path.join(ROOT, "stts_jax")
 RULES = {
     "stts_jax.geometry": (),
     "stts_jax.config": (),
+    "stts_jax.cli": (),  # absl flags of the entry points
     "stts_jax.stts.selection": ("stts_jax.geometry",),
     "stts_jax.stts.temporal": ("stts_jax.geometry", "stts_jax.stts.selection"),
     "stts_jax.stts.token_packing": ("stts_jax.geometry",),

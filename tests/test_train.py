@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stts_jax.config import ConfigError
-from stts_jax.train.checkpoint import IncompatibleCheckpoint
+from stts_jax.train.checkpoint import IncompatibleCheckpoint, check_compatible
 from stts_jax.train.trainer import train
 
 
@@ -102,6 +102,14 @@ def test_bad_input_is_refused_before_compiling(tmp_path):
         node[rest[-1]] = value
         with pytest.raises(IncompatibleCheckpoint, match=rf"{field}: checkpoint .* vs config {value!r}"):
             train(changed, str(tmp_path / "w3"))
+    # a field the checkpoint's config predates (saved without it) resumes while it holds its default, not otherwise
+    saved = json.loads(tiny_cfg(steps=4).to_json_best_effort())
+    del saved["data"]["sampler"]
+    check_compatible(saved, tiny_cfg(steps=4))
+    changed = tiny_cfg(steps=4)
+    changed.data.sampler = "transformers"
+    with pytest.raises(IncompatibleCheckpoint, match=r"data\.sampler: checkpoint None vs config 'transformers'"):
+        check_compatible(saved, changed)
 
 
 def test_fsdp_fill_mesh_and_optimizer_state_sharded_like_params():

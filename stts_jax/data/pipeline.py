@@ -1,15 +1,15 @@
 """Grain input pipeline: `video_qa` ArrayRecord shards -> packed, static-shape, batch-major host batches.
 
-  source (tfds ArrayRecord)  -> this host's slice -> shuffle(seed), reshuffled every epoch -> repeat
-  -> decode + sample + resize + tokenise (`ExampleBuilder`; in `num_workers` processes via mp_prefetch)
+  source (tfds ArrayRecord)  -> this host's slice -> shuffle(shuffle_seed), reshuffled every epoch -> repeat
+  -> decode + sample + resize + tokenise (`ExampleBuilder`; in `workers` processes via mp_prefetch)
   -> screen: bad examples (bad videos, bad fields, longer than a row) are counted, reported and skipped
-     (on_error="skip") within a skip budget (max_consecutive_bad in a row, max_bad_fraction overall; past it
-     TooManyBadExamples stops the run), or raise naming the example (on_error="fail")
-  -> grain.experimental.FirstFitPackIterDataset: rows of seq_len tokens AND at most videos_per_row * T frames
+     (on_bad_video="skip") within a skip budget (max_consecutive_bad in a row, max_bad_fraction overall; past it
+     TooManyBadExamples stops the run), or raise naming the example (on_bad_video="fail")
+  -> grain.experimental.FirstFitPackIterDataset: rows of seq_len tokens AND at most V * T frames
   -> batch `rows` rows -> host batch (below) -> thread prefetch
 
 Host batch (numpy, static shapes, batch-major: every array but `num_videos` has the R rows first; R = rows per
-host, V = videos_per_row, T = num_frames, F = V*T frame slots per row):
+host, V = videos_per_batch / rows videos per row, T = num_frames, F = V*T frame slots per row):
 
   input_ids, targets, loss_mask, segment_ids, positions  [R, L] int32  (segment ids 1-based per row, 0 = pad;
                                                           positions restart at 0 per example)
@@ -43,45 +43,11 @@ import numpy as np
 from absl import logging
 
 from stts_jax import geometry as geo
+from stts_jax.config import ConfigError, validate_data_config
 from stts_jax.data.examples import ExampleBuilder
 from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, normalize_pixels
-from stts_jax.data.video import SAMPLERS
 
-ON_ERROR = ("skip", "fail")
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "frame_mask")
-
-
-def data_config(**overrides) -> ml_collections.ConfigDict:
-    """Returns the input-pipeline settings (every shape-deciding field is a Python int)."""
-    cfg = ml_collections.ConfigDict(dict(
-        data_dir="",  # tfds data dir holding video_qa/<version>/ (or that version dir itself)
-        split="train",
-        tokenizer="",  # tokenizer.json (or a directory holding one)
-        num_frames=16,  # T: frames per clip, static (short clips repeat frames; see stts_jax.data.video)
-        max_fps=2.0,
-        sampler="uniform_last_frame",  # | "transformers"
-        seq_len=2048,  # tokens per packed row
-        rows=8,  # packed rows per global batch (divided over hosts)
-        videos_per_row=4,  # at most this many videos per row: videos_per_batch = rows * videos_per_row
-        packing_bins=0,  # rows packed at once (first-fit); 0 = 2 * rows per host
-        shuffle=True,
-        seed=0,
-        num_epochs=1,  # None = repeat forever
-        num_workers=0,  # decoding processes (Grain mp_prefetch); 0 = decode in this process
-        worker_buffer=2,  # examples buffered per worker
-        read_threads=1,  # decoding threads per process (0 = decode on the consuming thread)
-        read_buffer=4,  # examples decoded ahead per process
-        host_prefetch=2,  # finished batches prepared ahead on a thread (0 = off)
-        decode_threads=1,  # FFmpeg threads per decode
-        decode_timeout_s=600.0,  # > 0: decode each video in a child process within this time (0: in this process)
-        decode_memory_gb=8.0,  # ... and this much memory; past either, the example is a counted skip
-        on_error="skip",  # bad examples: "skip" (count + report) or "fail"
-        max_consecutive_bad=16,  # skipping: this many bad examples in a row stop the pipeline (TooManyBadExamples)
-        max_bad_fraction=0.25,  # ... and so does a larger share of bad examples, once bad_fraction_after were read
-        bad_fraction_after=64,
-    ))
-    cfg.update(overrides)
-    return cfg
 
 
 class BadExampleError(RuntimeError):
@@ -161,8 +127,8 @@ class _ScreenIterator(grain.DatasetIterator):
         self._seen = self._in_a_row = 0
 
     def _skip(self, ident: str, kind: str, message: str, error: type[Exception]) -> None:
-        """Counts one bad example, or raises `error` (on_error="fail") or TooManyBadExamples (over budget)."""
-        if self._cfg.on_error == "fail":
+        """Counts one bad example, or raises `error` (on_bad_video="fail") or TooManyBadExamples (over budget)."""
+        if self._cfg.on_bad_video == "fail":
             raise error(f"bad example {ident!r}: {message}")
         self._report.add(kind, message)
         self._in_a_row += 1
@@ -208,7 +174,7 @@ class _ScreenIterator(grain.DatasetIterator):
 
 class _ScreenIterDataset(grain.IterDataset):
     """Skips (counting and reporting) error markers and over-long examples within the skip budget, or raises with
-    on_error="fail"; removes the string id."""
+    on_bad_video="fail"; removes the string id."""
 
     def __init__(self, parent, cfg: ml_collections.ConfigDict, report: BadExampleReport):
         super().__init__(parent)
@@ -292,63 +258,58 @@ class Pipeline:
 
 def make_pipeline(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, *, source=None,
                   process_index: int | None = None, process_count: int | None = None) -> Pipeline:
-    """Returns the Pipeline of data config `cfg` for model config `model_cfg` (this host's slice)."""
-    for field in ("num_frames", "seq_len", "rows", "videos_per_row"):
-        if not isinstance(cfg[field], int) or cfg[field] < 1:
-            raise ValueError(f"data config field `{field}`: must be a positive int, got {cfg[field]!r}")
-    if not (cfg.max_consecutive_bad >= 1 and 0.0 < cfg.max_bad_fraction <= 1.0 and cfg.bad_fraction_after >= 1):
-        raise ValueError("data config fields `max_consecutive_bad` (>= 1), `max_bad_fraction` (0, 1] and "
-                         f"`bad_fraction_after` (>= 1): got {cfg.max_consecutive_bad}, {cfg.max_bad_fraction}, "
-                         f"{cfg.bad_fraction_after}")
-    if cfg.on_error not in ON_ERROR:
-        raise ValueError(f"data config field `on_error`: must be one of {ON_ERROR}, got {cfg.on_error!r}")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"data config field `sampler`: must be one of {SAMPLERS}, got {cfg.sampler!r}")
+    """Returns the Pipeline of data section `cfg` (stts_jax.config.data_config, validated there) for model config
+    `model_cfg` (this host's slice). Its tokenizer is `cfg.tokenizer`, else the tokenizer.json next to `cfg.path`."""
+    validate_data_config(cfg)
+    for field in ("num_frames", "seq_len", "rows", "videos_per_batch"):
+        if not isinstance(cfg[field], int):
+            raise ConfigError(f"config field `data.{field}`: must be a Python int (it decides a shape), got {cfg[field]!r}")
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if cfg.rows % process_count:
-        raise ValueError(f"data config field `rows`: {cfg.rows} rows cannot be split over {process_count} hosts")
+        raise ConfigError(f"config field `data.rows`: {cfg.rows} rows cannot be split over {process_count} hosts")
+    tokenizer = find_tokenizer(cfg)
     geometry = BatchGeometry(
-        rows=cfg.rows // process_count, seq_len=cfg.seq_len, videos_per_row=cfg.videos_per_row,
+        rows=cfg.rows // process_count, seq_len=cfg.seq_len, videos_per_row=cfg.videos_per_batch // cfg.rows,
         num_frames=cfg.num_frames, grid=geo.grid_size(model_cfg), pool=model_cfg.adapter.pool_size,
         windows_per_frame=geo.tokens_per_frame(model_cfg), patch_dim=geo.patch_dim(model_cfg),
         process_count=process_count)
     from stts_jax.data.tokenizer import load_tokenizer
 
-    encoder = Molmo2TextEncoder(load_tokenizer(cfg.tokenizer), PromptFormat())
+    encoder = Molmo2TextEncoder(load_tokenizer(tokenizer), PromptFormat())
     encoder.check_model_tokens(model_cfg.tokens)
     builder = ExampleBuilder(
-        cfg.tokenizer, image_size=model_cfg.vit.image_size, patch_size=model_cfg.vit.patch_size,
+        tokenizer, image_size=model_cfg.vit.image_size, patch_size=model_cfg.vit.patch_size,
         num_frames=cfg.num_frames, placeholders_per_frame=geo.placeholders_per_frame(model_cfg, cfg.num_frames),
         max_fps=cfg.max_fps, sampler=cfg.sampler, decode_threads=cfg.decode_threads,
         decode_timeout_s=cfg.decode_timeout_s, decode_memory_bytes=int(cfg.decode_memory_gb * 2**30))
 
     if source is None:
-        source = open_source(cfg.data_dir, cfg.split)
+        source = open_source(cfg.path, cfg.split)
     ds = grain.MapDataset.source(source)
     ds = ds[process_index::process_count]
     if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
+        ds = ds.shuffle(seed=cfg.shuffle_seed)
     if cfg.num_epochs != 1:
         ds = ds.repeat(cfg.num_epochs)
     ds = ds.map(builder)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
-    if cfg.num_workers > 0:
+    if cfg.workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when starting workers (outside app.run)
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
                                                          per_worker_buffer_size=cfg.worker_buffer))
     report = BadExampleReport()
     ds = _ScreenIterDataset(ds, cfg, report)
-    v, t = cfg.videos_per_row, cfg.num_frames
+    v, t = geometry.videos_per_row, cfg.num_frames
     lengths = dict(input_ids=cfg.seq_len, targets=cfg.seq_len, loss_mask=cfg.seq_len, frames=v * t, record=v)
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths,
-        num_packing_bins=cfg.packing_bins or 2 * geometry.rows, seed=cfg.seed, shuffle_bins=cfg.shuffle)
+        num_packing_bins=cfg.packing_bins or 2 * geometry.rows, seed=cfg.shuffle_seed, shuffle_bins=cfg.shuffle)
     ds = ds.batch(geometry.rows, drop_remainder=False)
     ds = ds.map(ToModelBatch(geometry))
     if cfg.host_prefetch > 0:
@@ -365,7 +326,8 @@ def _train_keys(batch: dict) -> dict:
 
 
 def find_tokenizer(cfg_data: ml_collections.ConfigDict) -> str:
-    """Returns data.tokenizer, else the first tokenizer.json in data.path or its two parent directories."""
+    """Returns data.tokenizer, else the first tokenizer.json in data.path or its two parent directories
+    (prepare_data / the demo write it next to the tfds directory)."""
     if cfg_data.get("tokenizer"):
         return cfg_data.tokenizer
     here = os.path.abspath(cfg_data.path)
@@ -378,22 +340,9 @@ def find_tokenizer(cfg_data: ml_collections.ConfigDict) -> str:
 
 
 def make_train_iterator(cfg: ml_collections.ConfigDict):
-    """Returns (iterator, BadExampleReport): the checkpointable Grain iterator of host micro-batches the trainer consumes (`data.kind="video"`).
-
-    Maps the training config's data section (path, num_frames, videos_per_batch and rows over all hosts,
-    seq_len, workers, shuffle_seed, on_bad_video; optional tokenizer and max_fps) onto `data_config`, repeats the data
-    forever and keeps the trainer's batch keys (TRAIN_KEYS).
-    """
-    d = cfg.data
-    if d.videos_per_batch % d.rows:
-        raise ValueError(f"data.videos_per_batch={d.videos_per_batch} must be a multiple of data.rows={d.rows} "
-                         "(every packed row holds at most videos_per_batch / rows videos)")
-    data = data_config(data_dir=d.path, split=d.get("split", "train"), tokenizer=find_tokenizer(d),
-                       num_frames=d.num_frames, seq_len=d.seq_len, rows=d.rows,
-                       videos_per_row=d.videos_per_batch // d.rows, seed=d.shuffle_seed, num_epochs=None,
-                       num_workers=d.workers, on_error=d.on_bad_video, max_fps=d.get("max_fps", 2.0),
-                       max_consecutive_bad=d.max_consecutive_bad, max_bad_fraction=d.max_bad_fraction)
-    p = make_pipeline(data, cfg.model)
+    """Returns (iterator, BadExampleReport): the checkpointable Grain iterator of host micro-batches the trainer
+    consumes (`data.kind="video"`): the pipeline of the training config's data section as is (repeating forever
+    with the default num_epochs=None), keeping the trainer's batch keys (TRAIN_KEYS)."""
+    p = make_pipeline(cfg.data, cfg.model)
     p.dataset = p.dataset.map(_train_keys)
     return iter(p), p.report
-

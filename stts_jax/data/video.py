@@ -35,7 +35,8 @@ from typing import Union
 
 import numpy as np
 
-SAMPLERS = ("uniform_last_frame", "transformers")
+from stts_jax.config import SAMPLERS
+
 ERROR_KINDS = ("unreadable", "corrupt", "no_video_stream", "no_frames", "truncated", "too_large", "timeout", "crashed")
 
 

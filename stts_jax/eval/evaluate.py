@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from stts_jax import geometry
+from stts_jax.config import data_config
 from stts_jax.data.processor import prompt_overhead_tokens
 from stts_jax.geometry import FrameLayout
 from stts_jax.model.partitioning import under_mesh
@@ -260,10 +261,10 @@ def evaluate(model: Molmo2VLM, data_dir: str, *, split: str = "validation", toke
                         f"{open_ended[0]!r}); multiple-choice evaluation needs options for every question")
     tok = load_tokenizer(tokenizer)
     letters = option_letter_ids(tok, max(len(q.options) for q in sheet.values()))
-    data = pipe.data_config(data_dir=data_dir, split=split, tokenizer=tokenizer, num_frames=frames,
-                            seq_len=seq_len, rows=rows, videos_per_row=1, shuffle=False, num_epochs=1,
-                            packing_bins=rows, max_fps=max_fps,
-                            max_consecutive_bad=1 << 31, max_bad_fraction=1.0)  # one epoch: report, never stop
+    data = data_config(kind="video", path=data_dir, split=split, tokenizer=tokenizer, num_frames=frames,
+                       seq_len=seq_len, rows=rows, videos_per_batch=rows, shuffle=False, num_epochs=1,
+                       packing_bins=rows, max_fps=max_fps,
+                       max_consecutive_bad=1 << 31, max_bad_fraction=1.0)  # one epoch: report, never stop
     p = pipe.make_pipeline(data, cfg, source=source)
     mesh = mesh if mesh is not None else single_device_mesh()
     if scoring == "logits":

@@ -43,8 +43,13 @@ def check_compatible(saved: dict, cfg: ml_collections.ConfigDict) -> None:
     """Raises IncompatibleCheckpoint naming every field outside RESUME_MAY_CHANGE that differs from the saved
     config (shapes, STTS, data, optimizer, seeds: resuming with them changed would silently train something else)."""
     old, new = _flatten(saved), _flatten(config_json(cfg))
+    # a field newer than the checkpoint's config is compatible while it holds its default (what the old code did)
+    from stts_jax.config import train_config
+
+    defaults = _flatten(config_json(train_config()))
     differ = sorted(k for k in set(old) | set(new)
-                    if not k.startswith(RESUME_MAY_CHANGE) and old.get(k) != new.get(k))
+                    if not k.startswith(RESUME_MAY_CHANGE) and old.get(k) != new.get(k)
+                    and not (k not in old and k in defaults and new.get(k) == defaults[k]))
     if differ:
         details = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs config {new.get(k)!r}" for k in differ[:8])
         more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""

@@ -13,7 +13,6 @@ import numpy as np
 from stts_jax import geometry
 from stts_jax.data.processor import prompt_overhead_tokens, random_video_prompt
 
-KINDS = ("random", "video")
 
 
 def random_micro_batch(cfg: ml_collections.ConfigDict, index: int) -> dict:

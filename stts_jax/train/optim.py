@@ -7,15 +7,15 @@ import ml_collections
 import optax
 from flax import nnx
 
-GROUPS = ("vit", "adapter", "llm", "scorer")
+from stts_jax.config import PARAM_GROUPS
 
 
 def group_labels(params: nnx.State):
     """Returns a tree like `params` labelling each leaf with its group (the top-level module name)."""
     def label(path, _):
         name = str(getattr(path[0], "key", path[0]))
-        if name not in GROUPS:
-            raise ValueError(f"parameter {jax.tree_util.keystr(path)} belongs to no optimizer group {GROUPS}")
+        if name not in PARAM_GROUPS:
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} belongs to no optimizer group {PARAM_GROUPS}")
         return name
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -36,7 +36,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, params: n
     """Returns clip -> per-group AdamW (frozen groups get zero updates), skipping any update whose gradient is not
     finite (parameters and AdamW moments unchanged; the state counts the streak and the total)."""
     transforms = {}
-    for group in GROUPS:
+    for group in PARAM_GROUPS:
         if group in tuple(optim.freeze):
             transforms[group] = optax.set_to_zero()
         else:

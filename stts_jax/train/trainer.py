@@ -24,7 +24,7 @@ from absl import logging
 from flax import nnx
 
 from stts_jax import geometry
-from stts_jax.config import ConfigError, validate_model_config
+from stts_jax.config import ConfigError, profile_range, validate_train_config
 from stts_jax.geometry import tokens_per_frame
 from stts_jax.geometry import FrameLayout
 from stts_jax.model.vlm import Molmo2VLM, check_batch
@@ -32,63 +32,8 @@ from stts_jax.train import checkpoint as ckpt_lib
 from stts_jax.train import inputs, sharding
 from stts_jax.train.lease import Lease, WorkdirBusy
 from stts_jax.train.metrics import MetricWriter
-from stts_jax.train.optim import GROUPS, make_optimizer
+from stts_jax.train.optim import make_optimizer
 from stts_jax.train.step import init_state, make_train_step, shardings_of
-
-
-def _require(cond: bool, field: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"config field `{field}`: {message}")
-
-
-def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first impossible field of a training config (before any work)."""
-    for section in ("model", "data", "mesh", "optim", "train"):
-        _require(section in cfg, section, "missing section")
-    validate_model_config(cfg.model)
-    tr, data, optim = cfg.train, cfg.data, cfg.optim
-    _require(tr.steps > 0, "train.steps", f"must be > 0, got {tr.steps}")
-    _require(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
-    _require(tr.log_every >= 1 and tr.ckpt_every >= 1 and tr.keep_ckpts >= 1, "train.log_every",
-             "log_every, ckpt_every and keep_ckpts must be >= 1")
-    _require(tr.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {tr.max_nonfinite}")
-    _require(tr.keep_period >= 0 and tr.keep_period % tr.ckpt_every == 0, "train.keep_period",
-             f"must be 0 (off) or a multiple of train.ckpt_every={tr.ckpt_every}, got {tr.keep_period}")
-    for group in tuple(optim.freeze):
-        _require(group in GROUPS, "optim.freeze", f"unknown group {group!r}; groups are {GROUPS}")
-    _require(data.kind in inputs.KINDS, "data.kind", f"must be one of {inputs.KINDS}, got {data.kind!r}")
-    if data.kind != "random":
-        _require(bool(data.path) and os.path.exists(data.path), "data.path",
-                 f"dataset path {data.path!r} does not exist")
-    _require(data.num_frames >= 1 and data.videos_per_batch >= 1 and data.rows >= 1, "data.num_frames",
-             "num_frames, videos_per_batch and rows must be >= 1")
-    _require(data.videos_per_batch % data.rows == 0, "data.videos_per_batch",
-             f"{data.videos_per_batch} video slots do not split evenly over data.rows={data.rows} rows "
-             "(every row holds videos_per_batch / rows slots)")
-    if tr.init_from:
-        _require(os.path.isdir(tr.init_from), "train.init_from", f"checkpoint directory {tr.init_from!r} does not exist")
-    _require(tr.get("eval_every", 0) >= 0, "train.eval_every", f"must be >= 0 (0 = off), got {tr.get('eval_every')}")
-    if tr.get("eval_every", 0):
-        _require(data.kind == "video", "train.eval_every",
-                 f"evaluation during training reads a split of data.path; data.kind={data.kind!r} has none")
-        _require(tr.get("eval_max_examples", 0) >= 0, "train.eval_max_examples", "must be >= 0 (0 = the whole split)")
-    _require(tr.get("lease_stale_s", 300.0) > 0, "train.lease_stale_s", f"must be > 0, got {tr.get('lease_stale_s')}")
-    profile_range(cfg)
-
-
-def profile_range(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
-    """Returns train.profile_steps as (first, last) 1-based steps, None when off; ConfigError when malformed."""
-    spec = str(cfg.train.get("profile_steps", "") or "").strip()
-    if not spec:
-        return None
-    try:
-        first, last = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ConfigError(f"config field `train.profile_steps`: expected 'first,last' (two step numbers), got "
-                          f"{spec!r}") from None
-    _require(1 <= first <= last <= cfg.train.steps, "train.profile_steps",
-             f"need 1 <= first <= last <= train.steps={cfg.train.steps}, got {first},{last}")
-    return first, last
 
 
 def frame_layout(cfg: ml_collections.ConfigDict) -> FrameLayout:
