@@ -45,7 +45,7 @@ from absl import app, flags
 
 from stts_jax import cli
 
-_CONFIG = cli.config()
+_CONFIG = cli.config(lock=False)
 _CHIPS = flags.DEFINE_list("chips", ["8", "64", "256"], "Chip counts to estimate (one subprocess each).")
 _PLATFORM = flags.DEFINE_enum("platform", "auto", ["auto", "tpu", "cpu"],
                               "Simulated devices: TPU topology (needs libtpu), fake CPU devices, or tpu if available.")

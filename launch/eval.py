@@ -45,8 +45,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 8, "--scoring=generate: tokens
 _MESH = flags.DEFINE_string("mesh", "one", "one | auto | data,fsdp,tensor (sizes; -1 = the rest).")
 _BENCHMARK = flags.DEFINE_string("benchmark", "", "Benchmark name for the headline score (default: the records').")
 _RESULTS = flags.DEFINE_string("results", None, "Results JSON (default: the CSV's path with .json, if --csv).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods: run on every host; "
-                               "each reads its share of the split, process 0 prints and writes the results).")
+_MULTIHOST = cli.multihost("Call jax.distributed.initialize() (TPU pods: run on every host; each reads its share "
+                            "of the split, process 0 prints and writes the results).")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -110,10 +110,7 @@ def load(path: str):
 
 def main(argv):
     del argv
-    import jax
-
-    if _MULTIHOST.value:
-        jax.distributed.initialize()
+    jax = cli.start_jax(_MULTIHOST)
     lead = jax.process_index() == 0
     from stts_jax.data.pipeline import find_dataset_dir
     from stts_jax.eval import evaluate as ev

@@ -11,18 +11,15 @@ from absl import app, flags, logging
 
 from stts_jax import cli
 
-_CONFIG = cli.config(lock=True)
+_CONFIG = cli.config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; a run resumes from here.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, multi-host).")
+_MULTIHOST = cli.multihost()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    import jax
-
-    if _MULTIHOST.value:
-        jax.distributed.initialize()
+    cli.start_jax(_MULTIHOST)
     from stts_jax.config import ConfigError
     from stts_jax.data.pipeline import TooManyBadExamples
     from stts_jax.train.checkpoint import IncompatibleCheckpoint

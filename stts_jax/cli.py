@@ -1,4 +1,5 @@
-"""What the entry points in launch/ share: the absl flags defined once (frames, prune ratios, checkpoint, config)
+"""What the entry points in launch/ share: the absl flags defined once (frames, prune ratios, checkpoint, config,
+multihost)
 and the way a refused input ends a run (`refusals`).
 
 Each returns the FlagHolder of one flag with the scripts' own default; list flags parse to numbers and refuse a
@@ -65,8 +66,23 @@ def checkpoint(many: bool = False, help: str | None = None, required: bool = Fal
     return define("checkpoint", None, help, required=required)
 
 
-def config(default: str | None = None, help: str = "Experiment config file (path[:arg]).", lock: bool = False):
-    """--config: an ml_collections config file (`configs/<name>.py[:variant]`); --config.<field>=... overrides."""
+def multihost(help: str = "Call jax.distributed.initialize() (TPU pods: run the same command on every host)."):
+    """--multihost; `start_jax(flag)` acts on it."""
+    return flags.DEFINE_bool("multihost", False, help)
+
+
+def start_jax(multihost_flag):
+    """Returns jax, with jax.distributed initialised first when --multihost is set (before any other jax call)."""
+    import jax
+
+    if multihost_flag.value:
+        jax.distributed.initialize()
+    return jax
+
+
+def config(default: str | None = None, help: str = "Experiment config file (path[:arg]).", lock: bool = True):
+    """--config: an ml_collections config file (`configs/<name>.py[:variant]`); --config.<field>=... overrides
+    (locked, as ml_collections' default: an override may change a field, not add one)."""
     from ml_collections import config_flags
 
     return config_flags.DEFINE_config_file("config", default, help, lock_config=lock)

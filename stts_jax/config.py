@@ -1,4 +1,5 @@
-"""Model configuration: ml_collections ConfigDicts and the validator every entry point shares.
+"""Configuration: the model, data and training ConfigDicts (ml_collections) and the validators every entry point
+shares (`validate_model_config`, `validate_data_config`, `validate_train_config`).
 
 A model config has three parts, named after the three stages of the data flow:
 
@@ -270,8 +271,22 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         answer_len=4,  # random data only
         empty_slots=0.0,  # random data only: share of video slots left empty (zeros, frame_mask 0), anywhere in a row
     ))
+    _check_data_fields(overrides, cfg)
     cfg.update(overrides)
     return cfg
+
+
+# the pipeline's former field names (before the one data section), refused with the name that replaced them
+RENAMED_DATA_FIELDS = dict(data_dir="path", num_workers="workers", seed="shuffle_seed", on_error="on_bad_video",
+                           videos_per_row="videos_per_batch (= rows x videos per row)")
+
+
+def _check_data_fields(fields, known) -> None:
+    for name in fields:
+        if name not in known:
+            hint = (f"; it is now `data.{RENAMED_DATA_FIELDS[name]}`" if name in RENAMED_DATA_FIELDS
+                    else f"; the fields are {', '.join(sorted(known))}")
+            raise ConfigError(f"config field `data.{name}`: unknown{hint}")
 
 
 def validate_data_config(data: ml_collections.ConfigDict, prefix: str = "data.") -> ml_collections.ConfigDict:
@@ -279,6 +294,7 @@ def validate_data_config(data: ml_collections.ConfigDict, prefix: str = "data.")
     def need(cond, name, message):
         _require(cond, prefix + name, message)
 
+    _check_data_fields(data, data_config())
     need(data.kind in DATA_KINDS, "kind", f"must be one of {DATA_KINDS}, got {data.kind!r}")
     need(data.num_frames >= 1 and data.videos_per_batch >= 1 and data.rows >= 1, "num_frames",
          "num_frames, videos_per_batch and rows must be >= 1")
@@ -318,6 +334,8 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
         _require(bool(data.path) and os.path.exists(data.path), "data.path",
                  f"dataset path {data.path!r} does not exist")
     validate_data_config(data)
+    _require(data.kind == "random" or data.num_epochs is None, "data.num_epochs",
+             f"training repeats the data (None); got {data.num_epochs} (a finite count would end the input mid-run)")
     if tr.init_from:
         _require(os.path.isdir(tr.init_from), "train.init_from", f"checkpoint directory {tr.init_from!r} does not exist")
     _require(tr.get("eval_every", 0) >= 0, "train.eval_every", f"must be >= 0 (0 = off), got {tr.get('eval_every')}")

@@ -1,7 +1,7 @@
 """STTS pruning vs an independent numpy reference (selection, rescale, key bias, pairing, temporal loss).
 
 The reference below is written from STTS_SPEC.md sections 3-6 and the pruning API contract, with plain loops and
-float64 arithmetic; it shares no code with `stts_jax.model.pruning` (not even the window layout helper, which is
+float64 arithmetic; it shares no code with `stts_jax.stts` (not even the window layout helper, which is
 re-derived here and only cross-checked against `window_patch_ids`).
 
 The reference works on ONE batch row (a flat frame list in the test's layout). The library is called batch-major

@@ -51,11 +51,11 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "
 
 
 class BadExampleError(RuntimeError):
-    """A bad example (video, fields) with on_error="fail"; the message names the example and the file."""
+    """A bad example (video, fields) with on_bad_video="fail"; the message names the example and the file."""
 
 
 class ExampleTooLongError(ValueError):
-    """An example does not fit into one packed row (with on_error="fail"); the message names it."""
+    """An example does not fit into one packed row (with on_bad_video="fail"); the message names it."""
 
 
 class TooManyBadExamples(RuntimeError):

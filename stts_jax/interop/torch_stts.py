@@ -10,7 +10,7 @@ computes (spec: STTS_SPEC.md §3-7):
   flat index is dropped first, as jax.lax.top_k on negated scores) -> block p+1 on every token with the key
   bias log(s~) -> blocks p+2.. on the kept tokens of each frame only (frames gathered into padded rows) ->
   adapter on the kept windows -> the LLM on a sequence whose placeholders are regrouped per frame exactly as
-  `stts_jax.model.selection.relayout_vision_tokens` does.
+  `stts_jax.stts.selection.relayout_vision_tokens` does.
 
 The host reserves W*T - K `<im_patch>` placeholders per video (`placeholder_counts`; `reserve_placeholders`
 turns an unpruned Molmo2 prompt into one); every frame's block must end with `<frame_end>`.
@@ -157,7 +157,7 @@ def rescale_scores(scores: torch.Tensor, active: torch.Tensor, patch_window: tor
 
 def relayout_vision_tokens(input_ids: torch.Tensor, keep_counts: torch.Tensor, placeholder_id: int,
                            end_marker_ids: Sequence[int]) -> torch.Tensor:
-    """Returns input_ids [B, L] with each frame's placeholders regrouped to its kept count (pruning.py's rule)."""
+    """Returns input_ids [B, L] with each frame's placeholders regrouped to its kept count (stts/selection.py's rule)."""
     b, length = input_ids.shape
     flat = input_ids.reshape(-1)
     is_placeholder = flat == placeholder_id

@@ -18,7 +18,9 @@ class IncompatibleCheckpoint(ValueError):
 # keeps checkpoints, the mesh (Orbax reshards on restore), the input workers and what bad input does. Every other field (model, STTS,
 # data source and seed, optimizer, seeds) decides what the run computes, so a resume must match it.
 RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.keep_period",
-                     "train.max_nonfinite", "train.init_from", "mesh.", "data.workers", "data.on_bad_video",
+                     "train.max_nonfinite", "train.init_from", "mesh.", "data.workers", "data.worker_buffer",
+                     "data.read_threads", "data.read_buffer", "data.host_prefetch", "data.decode_threads",
+                     "data.on_bad_video",
                      "data.max_consecutive_bad", "data.max_bad_fraction", "train.eval_", "train.profile_steps",
                      "train.lease_stale_s")
 
