@@ -232,6 +232,13 @@ def test_predict_gives_the_same_answer_from_hf_directory_and_params_checkpoint(t
     np.testing.assert_allclose(from_params.logits, from_hf.logits, atol=1e-4)
     assert from_hf.logits.shape == (cfg.llm.vocab_size,)
     assert (tmp_path / "pruned.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the one loader restores params checkpoints onto a mesh; a Hugging Face directory (built on one device) is refused
+    from stts_jax.train.sharding import make_mesh
+
+    on_mesh = params_io.load_checkpoint(str(tmp_path / "params"), mesh=make_mesh(-1, 1, 1))
+    assert on_mesh.kind == "params" and len(jax.tree.leaves(nnx.state(on_mesh.model))[0].sharding.device_set) == 8
+    with pytest.raises(params_io.ParamsCheckpointError, match="Hugging Face directory, which loads on one device"):
+        params_io.load_checkpoint(str(tmp_path / "hf"), mesh=make_mesh(-1, 1, 1))
     # more frames at the same checkpoint, and a free-form answer generated with the KV cache
     free = predict.predict(str(tmp_path / "params"), bikes_mp4, "Describe it.", frames=7, ratio=0.8,
                            max_new_tokens=4)

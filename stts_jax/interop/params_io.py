@@ -224,10 +224,14 @@ def load_checkpoint(path: str, *, kinds: tuple[str, ...] = CHECKPOINT_KINDS, ste
     """Loads any checkpoint this project reads (see checkpoint_kind) — the one loader of every entry point.
 
     `params` and `train` restore straight into their parameter shardings on `mesh` (else one device); an `hf`
-    directory loads through the importer (its scorer from stts_scorer.safetensors when present), then moves
-    onto the mesh. `step` picks a training checkpoint (latest by default).
+    directory loads through the importer on one device (its scorer from stts_scorer.safetensors when present), so
+    it takes no mesh: import it once (launch/import_hf.py) to restore the params checkpoint onto one. `step` picks a
+    training checkpoint (latest by default).
     """
     kind = checkpoint_kind(path, kinds)
+    if kind == "hf" and mesh is not None:
+        raise ParamsCheckpointError(f"{path} is a Hugging Face directory, which loads on one device; convert it with "
+                                    "launch/import_hf.py and restore that params checkpoint onto the mesh")
     if kind == "params":
         return Checkpoint(load_model(path, mesh=mesh), kind)
     if kind == "train":
@@ -240,10 +244,6 @@ def load_checkpoint(path: str, *, kinds: tuple[str, ...] = CHECKPOINT_KINDS, ste
     model, report = load_exported(path)
     if report.fresh:
         logging.warning("%s lacks %s: initialised at random", path, report.fresh)
-    if mesh is not None:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        params = jax.device_put(params, _param_shardings(params, mesh))
-        model = nnx.merge(graphdef, params, rest)
     return Checkpoint(model, kind)
 
 

@@ -170,7 +170,6 @@ class Molmo2VLM(nnx.Module):
             raise ValueError(f"pixel_values has {f} frame slots per row; the layout describes {layout.num_frames}")
         x = self.vit.embed(pixel_values.reshape(b * f, n, -1))  # [B*F, N, D]
         hidden, bias = {}, None
-        temporal = jnp.zeros((), jnp.float32)
         num_blocks = max(max(self.feature_layers), st.prune_at + 1) + 1
         for i, block in enumerate(self.vit.blocks[: st.prune_at + 2]):
             # block prune_at+1 runs on every token, keys down-weighted by log(s~)
