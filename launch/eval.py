@@ -21,13 +21,14 @@ vision tokens per example side by side, and writes one CSV row per (checkpoint, 
 """
 
 import csv
+import io
 import json
 import os
 import time
 
 from absl import app, flags, logging
 
-from stts_jax import cli
+from stts_jax import cli, paths
 
 _CHECKPOINT = cli.checkpoint(many=True, help="Training workdir(s) or params checkpoint(s).", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "Prepared video_qa tfds dir (launch/prepare_data.py).", required=True)
@@ -70,12 +71,14 @@ def write_csv(path: str, rows: list[dict]) -> None:
     """Appends rows (evaluate.CSV_FIELDS) to `path`, writing the header if the file is new."""
     from stts_jax.eval.evaluate import CSV_FIELDS
 
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    new = not paths.as_path(path).exists()
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    if new:
+        writer.writeheader()
+    writer.writerows(rows)
+    with paths.AppendLog(path) as log:  # local or gs://
+        log.write(buffer.getvalue())
 
 
 def make_mesh(spec: str, model_cfg):
@@ -175,9 +178,9 @@ def main(argv):
         print(f"-> {_CSV.value}")
     results_path = _RESULTS.value or (os.path.splitext(_CSV.value)[0] + ".json" if _CSV.value else None)
     if results_path:
-        with open(results_path, "w") as f:
-            json.dump(dict(data_dir=_DATA.value, split=_SPLIT.value, benchmark=_BENCHMARK.value, results=results),
-                      f, indent=1, sort_keys=True)
+        paths.write_text(results_path, json.dumps(dict(data_dir=_DATA.value, split=_SPLIT.value,
+                                                       benchmark=_BENCHMARK.value, results=results),
+                                                  indent=1, sort_keys=True))
         print(f"-> {results_path}")
 
 

@@ -15,12 +15,11 @@ stts_config.json as well. Tensors are converted and written one shard at a time 
 A live model exports with `stts_jax.interop.hf_export.export_hf(model, model.cfg, out)`.
 """
 
-import os
 import time
 
 from absl import app, flags, logging
 
-from stts_jax import cli
+from stts_jax import cli, paths
 
 _PARAMS = flags.DEFINE_string("params", None, "Params checkpoint (state/ + model_config.json).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must be empty unless --overwrite).")
@@ -36,7 +35,7 @@ def run(params: str, out: str, *, dtype: str = "float32", max_shard_size="2GB", 
     """Returns the ExportReport of exporting params or trainer checkpoint `params` to `out`."""
     from stts_jax.interop import hf_export, params_io
 
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:  # fail before loading anything
+    if paths.as_path(out).is_dir() and any(paths.as_path(out).iterdir()) and not overwrite:  # fail before loading anything
         raise hf_export.ExportError(f"{out} is not empty; pass --overwrite to replace an earlier export")
     kinds = ("params", "train")
     if params_io.checkpoint_kind(params, kinds) == "params":  # refuse fields HF cannot hold before loading weights

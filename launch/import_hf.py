@@ -10,12 +10,11 @@ initialised fresh (truncated normal, as the spec says) and listed. Writes PATH/s
 PATH/model_config.json (`stts_jax.interop.params_io`).
 """
 
-import os
 import time
 
 from absl import app, flags, logging
 
-from stts_jax import cli
+from stts_jax import cli, paths
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Molmo2 directory.")
 _OUT = flags.DEFINE_string("out", None, "Params checkpoint directory to write.")
@@ -31,7 +30,7 @@ def run(hf_dir: str, out: str, *, stts: bool = False, prune_ratio: float | None 
     from stts_jax.config import stts_config, validate_model_config
     from stts_jax.interop import hf_export, params_io
 
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:  # fail before reading any weights
+    if paths.as_path(out).is_dir() and any(paths.as_path(out).iterdir()) and not overwrite:  # fail before reading any weights
         raise params_io.ParamsCheckpointError(f"{out} is not empty; pass --overwrite to replace it")
     cfg = hf_export.read_config(hf_dir)
     if stts and cfg.stts.method == "none":

@@ -302,6 +302,10 @@ def validate_data_config(data: ml_collections.ConfigDict, prefix: str = "data.")
          f"{data.videos_per_batch} video slots do not split evenly over {prefix}rows={data.rows} rows "
          "(every row holds videos_per_batch / rows slots)")
     need(data.seq_len >= 1, "seq_len", f"must be >= 1, got {data.seq_len}")
+    need(data.kind == "random" or "://" not in str(data.path or "") or str(data.path).startswith("file://"), "path",
+         f"{data.path!r} is a URL: ArrayRecord's reader (under tfds and Grain) opens local files only; mount the "
+         "bucket with Cloud Storage FUSE (launch/tpu/install.sh --gcsfuse_bucket=BUCKET mounts it at /gcs/BUCKET) "
+         "and set data.path to the mounted directory")
     need(data.sampler in SAMPLERS, "sampler", f"must be one of {SAMPLERS}, got {data.sampler!r}")
     need(data.on_bad_video in ON_BAD_VIDEO, "on_bad_video", f"must be one of {ON_BAD_VIDEO}, got {data.on_bad_video!r}")
     need(data.num_epochs is None or data.num_epochs >= 1, "num_epochs", f"must be None or >= 1, got {data.num_epochs}")
@@ -331,7 +335,7 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
         _require(group in PARAM_GROUPS, "optim.freeze", f"unknown group {group!r}; groups are {PARAM_GROUPS}")
     _require(data.get("kind") in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {data.get('kind')!r}")
     if data.kind != "random":
-        _require(bool(data.path) and os.path.exists(data.path), "data.path",
+        _require(bool(data.path) and ("://" in str(data.path) or os.path.exists(data.path)), "data.path",
                  f"dataset path {data.path!r} does not exist")
     validate_data_config(data)
     _require(data.kind == "random" or data.num_epochs is None, "data.num_epochs",

@@ -1,6 +1,7 @@
 """The package's layering, read from the source (every import statement, function-level ones included).
 
-Bottom: `geometry` (numpy only), `config` (ml_collections only) and `cli` (absl only). Above them: the pure STTS
+Bottom: `geometry` (numpy only), `config` (ml_collections only), `cli` (absl only) and `paths` (etils.epath: local
+or gs:// files). Above them: the pure STTS
 functions (`stts/` but its nnx scorer), then `model/` (+ the scorer) and, beside it, `data/`, which never imports
 the model. `interop/` and `eval/` build on those and on `train/sharding.py` (the mesh); the rest of `train/` and
 `estimate` sit above everything (the trainer runs in-loop evaluation and counts FLOPs). `launch/` and `configs/` sit
@@ -20,6 +21,7 @@ RULES = {
     "stts_jax.geometry": (),
     "stts_jax.config": (),
     "stts_jax.cli": (),  # absl flags of the entry points
+    "stts_jax.paths": (),  # local or gs:// files (etils.epath)
     "stts_jax.stts.selection": ("stts_jax.geometry",),
     "stts_jax.stts.temporal": ("stts_jax.geometry", "stts_jax.stts.selection"),
     "stts_jax.stts.token_packing": ("stts_jax.geometry",),
@@ -29,16 +31,16 @@ RULES = {
     "stts_jax.stts": ("stts_jax.geometry", "stts_jax.stts.selection", "stts_jax.stts.temporal",
                       "stts_jax.stts.token_packing"),  # any other STTS module: pure
     "stts_jax.model": ("stts_jax.model", "stts_jax.geometry", "stts_jax.config", "stts_jax.stts"),
-    "stts_jax.data": ("stts_jax.data", "stts_jax.geometry", "stts_jax.config"),
+    "stts_jax.data": ("stts_jax.data", "stts_jax.paths", "stts_jax.geometry", "stts_jax.config"),
     # train/sharding.py is the mesh layer (mesh, parameter shardings, to_global) that interop and eval build on
-    "stts_jax.interop": ("stts_jax.interop", "stts_jax.model", "stts_jax.stts", "stts_jax.geometry", "stts_jax.config",
-                         "stts_jax.train.sharding"),
+    "stts_jax.interop": ("stts_jax.interop", "stts_jax.model", "stts_jax.stts", "stts_jax.paths", "stts_jax.geometry",
+                         "stts_jax.config", "stts_jax.train.sharding"),
     "stts_jax.eval": ("stts_jax.eval", "stts_jax.model", "stts_jax.stts", "stts_jax.data", "stts_jax.interop",
-                      "stts_jax.geometry", "stts_jax.config", "stts_jax.train.sharding"),
+                      "stts_jax.paths", "stts_jax.geometry", "stts_jax.config", "stts_jax.train.sharding"),
     "stts_jax.train": ("stts_jax.train", "stts_jax.model", "stts_jax.stts", "stts_jax.data", "stts_jax.interop",
-                       "stts_jax.eval", "stts_jax.estimate", "stts_jax.geometry", "stts_jax.config"),
+                       "stts_jax.eval", "stts_jax.estimate", "stts_jax.paths", "stts_jax.geometry", "stts_jax.config"),
     "stts_jax.estimate": ("stts_jax.train", "stts_jax.model", "stts_jax.stts", "stts_jax.data", "stts_jax.eval",
-                          "stts_jax.geometry", "stts_jax.config"),
+                          "stts_jax.paths", "stts_jax.geometry", "stts_jax.config"),
 }
 NEVER_IN_LIBRARY = ("launch", "configs")
 

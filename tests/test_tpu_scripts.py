@@ -103,7 +103,14 @@ def test_install_ships_the_checkout_or_clones_a_repo(tmp_path):
     (ssh,) = dry_run("install.sh", *SLICE, "--repo=https://example.org/stts-jax.git", "--ref=v1.2")
     assert 'git clone -q https://example.org/stts-jax.git "$HOME/stts-jax"' in remote_command(ssh)
     assert "checkout -q v1.2" in remote_command(ssh)
+    assert "gcsfuse" not in remote_command(ssh)
+    (ssh,) = dry_run("install.sh", *SLICE, "--repo=https://example.org/stts-jax.git", "--gcsfuse_bucket=my-data")
+    remote = remote_command(ssh)
+    assert remote.index("stts-venv/bin/pip") < remote.index("apt-get install -y -qq gcsfuse")
+    assert "mountpoint -q /gcs/my-data || gcsfuse --implicit-dirs -o ro my-data /gcs/my-data" in remote, remote
     for args, message in [([], "give --repo=URL or --source=DIR"),
+                          (["--repo=x", "--gcsfuse_bucket=gs://my-data"], "is not a bucket name"),
+                          (["--repo=x", "--gcsfuse_bucket=a;rm"], "is not a bucket name"),
                           (["--repo=x", f"--source={ROOT}"], "not both"),
                           ([f"--source={tmp_path}"], "not a git checkout"),
                           (["--repo=x", "--ref=a;rm"], "--ref='a;rm'")]:

@@ -76,6 +76,20 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path):
     assert all(a[s] == b[s] for s in a), {s: (a[s], b.get(s)) for s in a if a[s] != b.get(s)}
 
 
+def test_a_second_sigterm_takes_the_default_action(tmp_path):
+    """The first SIGTERM asks for a checkpoint and a clean exit; a second one, sent before that exit, terminates
+    the process at once (status -SIGTERM), as an operator stopping a hung save expects."""
+    proc = run_train(tmp_path / "w", "--config.train.steps=1000", wait=False)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+        if line.startswith("SIGTERM: saving a checkpoint"):  # the first one is handled
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, out[-2000:])
+
+
 def test_bad_input_is_refused_before_compiling(tmp_path):
     out = run_train(tmp_path / "w", "--config.train.no_such_field=3")
     assert out.returncode != 0 and "no_such_field" in (out.stderr + out.stdout)

@@ -10,6 +10,9 @@ USAGE="usage: launch/tpu/install.sh --name=NAME --zone=ZONE (--repo=URL [--ref=R
   --repo=URL                  git repository every worker clones (needs network access to it)
   --ref=REF                   branch, tag or commit to check out (default: main)
   --source=DIR                instead of --repo: ship DIR's committed HEAD (git archive) to every worker with scp
+  --gcsfuse_bucket=BUCKET     also install Cloud Storage FUSE and mount BUCKET read-only at /gcs/BUCKET on every
+                              worker (the prepared ArrayRecord data: its reader opens local files only, so train
+                              with --config.data.path=/gcs/BUCKET/...); workdirs stay gs:// URLs
   --dry_run                   print the gcloud command lines instead of running them
 
 Each worker gets \$HOME/stts-jax (the code) and \$HOME/stts-venv (Python 3.11, the project with its tpu extra,
@@ -17,13 +20,16 @@ pinned by the checkout's constraints.txt).
 Example:
   launch/tpu/install.sh --name=stts-4b --zone=us-east5-a --source=."
 BOOL_FLAGS="dry_run"
-parse_flags "name zone project repo ref source" "$@"
+parse_flags "name zone project repo ref source gcsfuse_bucket" "$@"
 check_common
 ((${#EXTRA_ARGS[@]} == 0)) || usage_error "install.sh takes no arguments after --"
 [[ -n ${FLAG_repo:-} || -n ${FLAG_source:-} ]] || usage_error "give --repo=URL or --source=DIR"
 [[ -n ${FLAG_repo:-} && -n ${FLAG_source:-} ]] && usage_error "give --repo or --source, not both"
 location_args
 ref=${FLAG_ref:-main}
+bucket=${FLAG_gcsfuse_bucket:-}
+[[ -z $bucket || $bucket =~ ^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$ ]] \
+  || usage_error "--gcsfuse_bucket='$bucket' is not a bucket name (lowercase letters, digits, -, _ and .; no gs://)"
 [[ $ref =~ ^[A-Za-z0-9._/-]+$ ]] || usage_error "--ref='$ref' is not a git ref"
 
 if [[ -n ${FLAG_source:-} ]]; then
@@ -47,5 +53,14 @@ python3.11 -m venv \"\$HOME/stts-venv\"; \
 \"\$HOME/stts-venv/bin/pip\" install -q -U pip; \
 \"\$HOME/stts-venv/bin/pip\" install -q -c \"\$HOME/stts-jax/constraints.txt\" -e \"\$HOME/stts-jax[tpu]\"; \
 \"\$HOME/stts-venv/bin/python\" -c 'import stts_jax, jax; print(\"installed jax\", jax.__version__)'"
+if [[ -n $bucket ]]; then  # Google's gcsfuse apt repository, then a read-only mount (kept until the VM restarts)
+  remote="$remote; \
+echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; \
+curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null; \
+sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcsfuse; \
+sudo mkdir -p /gcs/$bucket && sudo chown \"\$USER\" /gcs/$bucket; \
+mountpoint -q /gcs/$bucket || gcsfuse --implicit-dirs -o ro $bucket /gcs/$bucket; \
+ls /gcs/$bucket >/dev/null && echo mounted gs://$bucket at /gcs/$bucket"
+fi
 
 run gcloud compute tpus tpu-vm ssh "$FLAG_name" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"

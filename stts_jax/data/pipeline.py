@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from typing import Any
 
 import grain
@@ -43,6 +42,7 @@ import numpy as np
 from absl import logging
 
 from stts_jax import geometry as geo
+from stts_jax import paths
 from stts_jax.config import ConfigError, validate_data_config
 from stts_jax.data.examples import ExampleBuilder
 from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, normalize_pixels
@@ -223,14 +223,13 @@ class ToModelBatch:
 
 def find_dataset_dir(data_dir: str, name: str = "video_qa") -> str:
     """Returns the tfds version directory (holding dataset_info.json) under data_dir."""
-    if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    if paths.as_path(paths.join(data_dir, "dataset_info.json")).exists():
         return data_dir
-    base = os.path.join(data_dir, name)
-    versions = sorted(v for v in os.listdir(base) if os.path.exists(os.path.join(base, v, "dataset_info.json"))) \
-        if os.path.isdir(base) else []
+    base = paths.as_path(paths.join(data_dir, name))
+    versions = sorted(v.name for v in base.iterdir() if (v / "dataset_info.json").exists()) if base.is_dir() else []
     if not versions:
         raise FileNotFoundError(f"no prepared {name} dataset under {data_dir} (run launch/prepare_data.py)")
-    return os.path.join(base, versions[-1])
+    return paths.join(data_dir, name, versions[-1])
 
 
 def open_source(data_dir: str, split: str = "train"):
@@ -330,12 +329,12 @@ def find_tokenizer(cfg_data: ml_collections.ConfigDict) -> str:
     (prepare_data / the demo write it next to the tfds directory)."""
     if cfg_data.get("tokenizer"):
         return cfg_data.tokenizer
-    here = os.path.abspath(cfg_data.path)
+    here = paths.as_path(cfg_data.path)
     for _ in range(3):
-        candidate = os.path.join(here, "tokenizer.json")
-        if os.path.exists(candidate):
-            return candidate
-        here = os.path.dirname(here)
+        candidate = here / "tokenizer.json"
+        if candidate.exists():
+            return str(candidate)
+        here = here.parent
     raise FileNotFoundError(f"no tokenizer.json in {cfg_data.path} or its parents; set data.tokenizer")
 
 

@@ -8,10 +8,10 @@ downloaded.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Iterable, Mapping
 
+from stts_jax import paths
 from stts_jax.data.processor import SPECIAL_TOKENS
 
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # Qwen's pad / turn tokens (bos = eos = <|im_end|>)
@@ -23,11 +23,11 @@ def load_tokenizer(path: str):
     """Returns a `tokenizers.Tokenizer` from a tokenizer.json file or a directory holding one."""
     from tokenizers import Tokenizer
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(path):
+    if paths.as_path(path).is_dir():
+        path = paths.join(path, "tokenizer.json")
+    if not paths.as_path(path).exists():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    return Tokenizer.from_file(path)
+    return Tokenizer.from_str(paths.read_text(path))  # local or gs://
 
 
 def words_of(texts: Iterable[str]) -> list[str]:

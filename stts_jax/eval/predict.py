@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import numpy as np
+
+from stts_jax import paths
 
 
 class PredictError(ValueError):
@@ -45,10 +46,9 @@ class Prediction:
 def uses_frame_special_tokens(checkpoint: str) -> bool:
     """Returns the processor's `use_frame_special_tokens` (False: <im_start>/<im_end> delimit frames), default True."""
     for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
-        path = os.path.join(checkpoint, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                value = json.load(f).get("use_frame_special_tokens")
+        path = paths.as_path(paths.join(checkpoint, name))
+        if path.exists():
+            value = json.loads(path.read_text()).get("use_frame_special_tokens")
             if value is not None:
                 return bool(value)
     return True
@@ -59,10 +59,10 @@ def prompt_tokenizer(checkpoint: str, tokenizer: str | None, cfg, texts):
     tokenizer over `texts` at the model's special-token ids ("toy")."""
     from stts_jax.data.tokenizer import build_word_tokenizer, load_tokenizer, words_of
 
-    path = tokenizer or os.path.join(checkpoint, "tokenizer.json")
-    if tokenizer and not os.path.exists(path):
+    path = tokenizer or paths.join(checkpoint, "tokenizer.json")
+    if tokenizer and not paths.as_path(path).exists():
         raise PredictError(f"--tokenizer {path} does not exist")
-    if os.path.exists(path):
+    if paths.as_path(path).exists():
         return load_tokenizer(path), path
     from absl import logging
 

@@ -60,6 +60,8 @@ import re
 
 import numpy as np
 
+from stts_jax import paths
+
 UNPARSED = -1  # `pred` of an answer that could not be parsed (counts as wrong)
 DURATIONS = ("short", "medium", "long")  # Video-MME's duration groups, in display order
 OPTIONAL_FIELDS = ("benchmark", "task", "duration_group", "video_id")
@@ -255,8 +257,7 @@ def write_results(path_json: str, summary: dict, *, extra: dict | None = None) -
             raise ValueError(f"extra keys {clash} would overwrite the summary's")
         payload.update(extra)
     text = json.dumps(payload, sort_keys=True, indent=2, allow_nan=False)
-    with open(path_json, "w") as f:
-        f.write(text + "\n")
+    paths.write_text(path_json, text + "\n")  # local or gs://
     return payload
 
 

@@ -19,11 +19,11 @@ exists at a time (`max_shard_bytes`, default 2 GB), never two full copies of the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from stts_jax import paths
 from stts_jax.config import MOLMO2_TOKENS, ConfigError, model_config, stts_config, validate_model_config
 from stts_jax.geometry import tokens_per_frame
 from stts_jax.interop import hf_import
@@ -248,17 +249,19 @@ def _parse_size(size) -> int:
 
 def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     """Creates `out_dir`, refusing a non-empty one unless `overwrite` (then only our files are removed)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    where = paths.as_path(out_dir)
+    if where.exists() and not where.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    entries = list(where.iterdir()) if where.is_dir() else []
+    if entries:
         if not overwrite:
-            raise ExportError(f"{out_dir} is not empty ({len(os.listdir(out_dir))} entries); pass "
+            raise ExportError(f"{out_dir} is not empty ({len(entries)} entries); pass "
                               f"overwrite=True (--overwrite) to replace an earlier export")
-        for name in os.listdir(out_dir):
-            if name.endswith(".safetensors") or name in (INDEX_FILE, "config.json", "generation_config.json",
-                                                         STTS_CONFIG_FILE):
-                os.remove(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
+        for entry in entries:
+            if entry.name.endswith(".safetensors") or entry.name in (INDEX_FILE, "config.json",
+                                                                     "generation_config.json", STTS_CONFIG_FILE):
+                entry.unlink()
+    paths.makedirs(out_dir)
 
 
 def _flat_params(state) -> list[tuple[str, object]]:
@@ -302,8 +305,6 @@ def export_hf(model_or_state, cfg: ml_collections.ConfigDict, out_dir: str, *, d
     `generation` holds generation_config.json ids (bos/eos/pad_token_id); by default the Qwen3 ids when the
     vocabulary is Qwen's (151,936 rows), else none.
     """
-    from safetensors.numpy import save_file
-
     check_config_fields(cfg)
     try:
         validate_model_config(cfg)
@@ -343,28 +344,36 @@ def export_hf(model_or_state, cfg: ml_collections.ConfigDict, out_dir: str, *, d
             _, name, transpose, _, value = entries[i]
             tensors[name] = _host(value, dtype, transpose)
             weight_map[name] = fname
-        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        _save_tensors(tensors, out_dir, fname)
         total += sum(t.nbytes for t in tensors.values())
         report.shards.append(fname)
         report.tensors += len(tensors)
         del tensors  # this shard's host copies go before the next shard is fetched
-    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    _write_json(out_dir, INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     if scorer_entries:
         tensors = {name: _host(value, dtype, transpose) for _, name, transpose, _, value in scorer_entries}
-        save_file(tensors, os.path.join(out_dir, STTS_SCORER_FILE), metadata={"format": "pt"})
+        _save_tensors(tensors, out_dir, STTS_SCORER_FILE)
         total += sum(t.nbytes for t in tensors.values())
         report.scorer_tensors = len(tensors)
     report.bytes_written = total
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config_dict(cfg, dtype), f, indent=2)
+    _write_json(out_dir, "config.json", hf_config_dict(cfg, dtype))
     if generation is None:
         generation = dict(QWEN_GENERATION_IDS) if cfg.llm.vocab_size == 151936 else {}
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"_from_model_config": False, **generation}, f, indent=2)
-    with open(os.path.join(out_dir, STTS_CONFIG_FILE), "w") as f:
-        json.dump(stts_config_dict(cfg, has_scorer=bool(scorer_entries)), f, indent=2)
+    _write_json(out_dir, "generation_config.json", {"_from_model_config": False, **generation})
+    _write_json(out_dir, STTS_CONFIG_FILE, stts_config_dict(cfg, has_scorer=bool(scorer_entries)))
     return report
+
+
+def _write_json(out_dir: str, name: str, data: dict) -> None:
+    paths.write_text(paths.join(out_dir, name), json.dumps(data, indent=2))
+
+
+def _save_tensors(tensors: dict, out_dir: str, fname: str) -> None:
+    """Writes one safetensors file (to gs:// through a local temporary file, removed once uploaded)."""
+    from safetensors.numpy import save_file
+
+    with paths.staged_dir(out_dir) if paths.is_remote(out_dir) else contextlib.nullcontext(out_dir) as local:
+        save_file(tensors, os.path.join(local, fname), metadata={"format": "pt"})
 
 
 def _check_inverse(name: str, path: str, cfg) -> None:
@@ -400,15 +409,13 @@ def stts_config_dict(cfg: ml_collections.ConfigDict, has_scorer: bool) -> dict:
 
 def read_config(hf_dir: str) -> ml_collections.ConfigDict:
     """Returns our model config of an exported (or any Molmo2) directory: config.json + stts_config.json."""
-    cfg_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(cfg_path):
+    cfg_path = paths.as_path(paths.join(hf_dir, "config.json"))
+    if not cfg_path.exists():
         raise hf_import.CheckpointError(f"{hf_dir}: config.json is missing")
-    with open(cfg_path) as f:
-        cfg = hf_import.config_from_hf(json.load(f))
-    stts_path = os.path.join(hf_dir, STTS_CONFIG_FILE)
-    if os.path.exists(stts_path):
-        with open(stts_path) as f:
-            extra = json.load(f)
+    cfg = hf_import.config_from_hf(json.loads(cfg_path.read_text()))
+    stts_path = paths.as_path(paths.join(hf_dir, STTS_CONFIG_FILE))
+    if stts_path.exists():
+        extra = json.loads(stts_path.read_text())
         stts = stts_config()
         for key, value in extra.get("stts", {}).items():
             if key in stts:
@@ -425,14 +432,14 @@ def iter_scorer_tensors(hf_dir: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (name, tensor) of stts_scorer.safetensors one at a time."""
     from safetensors import SafetensorError, safe_open
 
-    path = os.path.join(hf_dir, STTS_SCORER_FILE)
-    try:
-        handle = safe_open(path, framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise hf_import.CheckpointError(f"{STTS_SCORER_FILE}: not a readable safetensors file ({e})") from None
-    with handle as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
+    with paths.local_file(paths.join(hf_dir, STTS_SCORER_FILE)) as path:
+        try:
+            handle = safe_open(path, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise hf_import.CheckpointError(f"{STTS_SCORER_FILE}: not a readable safetensors file ({e})") from None
+        with handle as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
 
 
 def load_scorer(model, hf_dir: str) -> int:
@@ -469,7 +476,7 @@ def load_exported(hf_dir: str, cfg: ml_collections.ConfigDict | None = None, **k
     """
     cfg = read_config(hf_dir) if cfg is None else cfg
     model, report = hf_import.load_molmo2(hf_dir, cfg, **kwargs)
-    if os.path.exists(os.path.join(hf_dir, STTS_SCORER_FILE)) and model.scorer is not None:
+    if paths.as_path(paths.join(hf_dir, STTS_SCORER_FILE)).exists() and model.scorer is not None:
         load_scorer(model, hf_dir)
         report.fresh = [name for name in report.fresh if name != "scorer"]
     return model, report
@@ -481,8 +488,8 @@ def copy_extra_files(src_dir: str, out_dir: str, names=("tokenizer.json", "token
     """Copies tokenizer / processor files that exist in `src_dir` into `out_dir`; returns their names."""
     copied = []
     for name in names:
-        src = os.path.join(src_dir, name)
-        if os.path.exists(src):
-            shutil.copy(src, os.path.join(out_dir, name))
+        src = paths.join(src_dir, name)
+        if paths.as_path(src).exists():
+            paths.copy_file(src, paths.join(out_dir, name))
             copied.append(name)
     return copied

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from stts_jax import paths
 from stts_jax.config import MOLMO2_TOKENS, adapter_config, llm_config, model_config, vit_config
 
 FRESH_OK_DEFAULT = ("scorer",)
@@ -227,10 +228,9 @@ def check_weight_dtype(source: str, dtype) -> None:
 
 def _weight_files(ckpt_dir: str) -> dict[str, list[str]]:
     """Returns {file name: [tensor names]} from the index, or the single model.safetensors."""
-    index_path = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map", {})
+    index_path = paths.as_path(paths.join(ckpt_dir, "model.safetensors.index.json"))
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
         files: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
             if not isinstance(fname, str) or fname in ("", ".", "..") or os.path.basename(fname) != fname \
@@ -240,37 +240,41 @@ def _weight_files(ckpt_dir: str) -> dict[str, list[str]]:
                                       "model-00001-of-00002.safetensors)")
             files.setdefault(fname, []).append(key)
         for fname, keys in files.items():
-            if not os.path.exists(os.path.join(ckpt_dir, fname)):
+            if not paths.as_path(paths.join(ckpt_dir, fname)).exists():
                 raise CheckpointError(f"shard {fname} listed in model.safetensors.index.json is missing from "
                                       f"{ckpt_dir} ({len(keys)} tensors, e.g. {keys[0]})")
         return files
-    single = os.path.join(ckpt_dir, "model.safetensors")
-    if os.path.exists(single):
+    if paths.as_path(paths.join(ckpt_dir, "model.safetensors")).exists():
         return {"model.safetensors": []}
     raise CheckpointError(f"{ckpt_dir}: no model.safetensors.index.json and no model.safetensors")
 
 
 def iter_tensors(ckpt_dir: str) -> Iterator[tuple[str, str, np.ndarray]]:
-    """Yields (file, name, tensor) one tensor at a time, raising CheckpointError naming a bad file."""
+    """Yields (file, name, tensor) one tensor at a time, raising CheckpointError naming a bad file (a shard on
+    gs:// is downloaded to a temporary file first, one shard at a time: safetensors memory-maps local files)."""
+    for fname, listed in _weight_files(ckpt_dir).items():
+        with paths.local_file(paths.join(ckpt_dir, fname)) as path:
+            yield from _shard_tensors(fname, path, listed)
+
+
+def _shard_tensors(fname: str, path: str, listed: list[str]) -> Iterator[tuple[str, str, np.ndarray]]:
     from safetensors import SafetensorError, safe_open
 
-    for fname, listed in _weight_files(ckpt_dir).items():
-        path = os.path.join(ckpt_dir, fname)
-        try:
-            handle = safe_open(path, framework="numpy")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"shard {fname}: not a readable safetensors file ({e})") from None
-        with handle as f:
-            keys = list(f.keys())
-            absent = sorted(set(listed) - set(keys))
-            if absent:
-                raise CheckpointError(f"shard {fname} lacks tensors the index assigns to it: {absent[:5]}")
-            for key in keys:
-                try:
-                    tensor = f.get_tensor(key)
-                except (SafetensorError, OSError, ValueError) as e:
-                    raise CheckpointError(f"shard {fname}: tensor {key} cannot be read ({e})") from None
-                yield fname, key, tensor
+    try:
+        handle = safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"shard {fname}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        keys = list(f.keys())
+        absent = sorted(set(listed) - set(keys))
+        if absent:
+            raise CheckpointError(f"shard {fname} lacks tensors the index assigns to it: {absent[:5]}")
+        for key in keys:
+            try:
+                tensor = f.get_tensor(key)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"shard {fname}: tensor {key} cannot be read ({e})") from None
+            yield fname, key, tensor
 
 
 @dataclass
@@ -295,11 +299,10 @@ def load_molmo2(ckpt_dir: str, cfg: ml_collections.ConfigDict | None = None, *, 
 
     model_cls = model_cls or Molmo2VLM
     if cfg is None:
-        cfg_path = os.path.join(ckpt_dir, "config.json")
-        if not os.path.exists(cfg_path):
+        cfg_path = paths.as_path(paths.join(ckpt_dir, "config.json"))
+        if not cfg_path.exists():
             raise CheckpointError(f"{ckpt_dir}: config.json is missing")
-        with open(cfg_path) as f:
-            cfg = config_from_hf(json.load(f))
+        cfg = config_from_hf(json.loads(cfg_path.read_text()))
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     targets = {path: var for path, var in nnx.to_flat_state(abstract_state)}

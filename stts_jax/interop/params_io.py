@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
 from flax import nnx
 
+from stts_jax import paths
 from stts_jax.interop.hf_export import config_from_dict, config_to_dict
 
 STATE_DIR = "state"
@@ -32,11 +32,11 @@ class ParamsCheckpointError(ValueError):
 
 
 def save_params(path: str, state) -> None:
-    """Writes `state` (a pytree of arrays, e.g. an nnx.State) with Orbax to `path` (must not exist)."""
+    """Writes `state` (a pytree of arrays, e.g. an nnx.State) with Orbax to `path` (must not exist; local or gs://)."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
-    if os.path.exists(path):
+    path = paths.as_path(path)
+    if path.exists():
         raise ParamsCheckpointError(f"{path} already exists; Orbax will not overwrite it")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, state)
@@ -47,8 +47,8 @@ def load_params(path: str, abstract_state):
     """Returns the state saved at `path`, restored onto the shapes/dtypes/shardings of `abstract_state`."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.as_path(path)
+    if not path.is_dir():
         raise ParamsCheckpointError(f"{path}: no Orbax checkpoint here")
     with ocp.StandardCheckpointer() as checkpointer:
         try:
@@ -58,54 +58,72 @@ def load_params(path: str, abstract_state):
 
 
 def save_model(path: str, model, cfg: ml_collections.ConfigDict | None = None, overwrite: bool = False) -> str:
-    """Writes a model's params + config to directory `path`; returns `path`."""
+    """Writes a model's params + config to directory `path` (local or gs://); returns `path`."""
     cfg = model.cfg if cfg is None else cfg
-    if os.path.isdir(path) and os.listdir(path):
+    where = paths.as_path(path)
+    if where.is_dir() and any(where.iterdir()):
         if not overwrite:
             raise ParamsCheckpointError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace it")
-        import shutil
-
-        shutil.rmtree(path)
-    os.makedirs(path, exist_ok=True)
-    save_params(os.path.join(path, STATE_DIR), nnx.state(model, nnx.Param))
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
+        where.rmtree()
+    paths.makedirs(path)
+    save_params(paths.join(path, STATE_DIR), nnx.state(model, nnx.Param))
+    paths.write_text(paths.join(path, CONFIG_FILE), json.dumps(config_to_dict(cfg), indent=2))
     return path
 
 
 def load_model_config(path: str) -> ml_collections.ConfigDict:
     """Returns the model config stored in a params checkpoint directory (missing fields are named)."""
-    cfg_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.exists(cfg_path):
+    cfg_path = paths.as_path(paths.join(path, CONFIG_FILE))
+    if not cfg_path.exists():
         raise ParamsCheckpointError(f"{path}: {CONFIG_FILE} is missing (not a params checkpoint)")
-    with open(cfg_path) as f:
-        data = json.load(f)
-    return config_from_dict(data, error=ParamsCheckpointError)
+    return config_from_dict(json.loads(cfg_path.read_text()), error=ParamsCheckpointError)
 
 
-def train_step_dir(path: str, step: int | None = None) -> str:
-    """Returns the step directory of a trainer checkpoint given a workdir, its checkpoints/ or a step directory."""
-    if os.path.isdir(os.path.join(path, STATE_DIR)) and os.path.isdir(os.path.join(path, "config")):
-        return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+def _train_checkpoints(path: str, step: int | None = None):
+    """Returns (Orbax CheckpointManager over the checkpoints, step) of a trainer checkpoint given a workdir, its
+    checkpoints/ or one step directory (the latest step unless given); the caller closes the manager."""
+    import orbax.checkpoint as ocp
+
+    where = paths.as_path(path)
+    if (where / STATE_DIR).is_dir() and (where / "config").is_dir() and where.name.isdigit():  # one step
+        root, step = where.parent, int(where.name) if step is None else step
+    else:
+        root = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) \
+        if root.is_dir() else None
+    steps = sorted(manager.all_steps()) if manager is not None else []
     if not steps:
+        if manager is not None:
+            manager.close()
         raise ParamsCheckpointError(f"{path}: no trainer checkpoint steps found (expected {root}/<step>/state)")
     if step is None:
         step = steps[-1]
     if step not in steps:
+        manager.close()
         raise ParamsCheckpointError(f"{path}: no checkpoint for step {step}; saved steps are {steps}")
-    return os.path.join(root, str(step))
+    return manager, step
+
+
+def train_step_dir(path: str, step: int | None = None) -> str:
+    """Returns the step directory of a trainer checkpoint given a workdir, its checkpoints/ or a step directory."""
+    manager, step = _train_checkpoints(path, step)
+    try:
+        return str(manager.directory / str(step))
+    finally:
+        manager.close()
 
 
 def saved_train_config(path: str, step: int | None = None) -> dict:
     """Returns the training config (a plain dict) saved with a trainer checkpoint (latest step unless given)."""
-    step_dir = train_step_dir(path, step)
-    cfg_file = os.path.join(step_dir, "config", "metadata")
-    if not os.path.exists(cfg_file):
-        raise ParamsCheckpointError(f"{step_dir}: the checkpoint has no config item ({cfg_file})")
-    with open(cfg_file) as f:
-        return json.load(f)
+    import orbax.checkpoint as ocp
+
+    manager, step = _train_checkpoints(path, step)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ParamsCheckpointError(f"{path}: checkpoint step {step} has no readable config item ({e})") from None
+    finally:
+        manager.close()
 
 
 def _param_shardings(abstract_params, mesh):
@@ -125,29 +143,30 @@ def load_train_checkpoint(path: str, step: int | None = None, mesh=None):
 
     from stts_jax.model.vlm import Molmo2VLM
 
-    step_dir = train_step_dir(path, step)
-    saved = saved_train_config(step_dir)
+    saved = saved_train_config(path, step)
     if "model" not in saved:
-        raise ParamsCheckpointError(f"{step_dir}: the saved config has no field `model`")
+        raise ParamsCheckpointError(f"{path}: the saved config has no field `model`")
     cfg = config_from_dict(saved["model"], error=ParamsCheckpointError)
     abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     item = {"params": abstract_params}
     restore_args = {"params": jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
                                            _param_shardings(abstract_params, mesh))}
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        try:
-            out = checkpointer.restore(os.path.join(os.path.abspath(step_dir), STATE_DIR),
-                                       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                   partial_restore=True))
-        except (ValueError, KeyError) as e:
-            raise ParamsCheckpointError(f"{step_dir}: the parameters do not fit the model config ({e})") from None
-    return nnx.merge(graphdef, out["params"], rest), int(os.path.basename(step_dir))
+    manager, step = _train_checkpoints(path, step)
+    try:  # a partial restore of the state item: the optimizer state is never read
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))["state"]
+    except (ValueError, KeyError) as e:
+        raise ParamsCheckpointError(f"{path}: step {step}: the parameters do not fit the model config ({e})") from None
+    finally:
+        manager.close()
+    return nnx.merge(graphdef, out["params"], rest), step
 
 
 def is_params_checkpoint(path: str) -> bool:
     """Returns whether `path` looks like a params checkpoint directory."""
-    return os.path.isdir(os.path.join(path, STATE_DIR)) and os.path.exists(os.path.join(path, CONFIG_FILE))
+    where = paths.as_path(path)
+    return (where / STATE_DIR).is_dir() and (where / CONFIG_FILE).exists()
 
 
 def load_model(path: str, cfg: ml_collections.ConfigDict | None = None, mesh=None):
@@ -164,7 +183,7 @@ def load_model(path: str, cfg: ml_collections.ConfigDict | None = None, mesh=Non
         shardings = _param_shardings(abstract_params, mesh)
         abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                        abstract_params, shardings)
-    params = load_params(os.path.join(path, STATE_DIR), abstract_params)
+    params = load_params(paths.join(path, STATE_DIR), abstract_params)
     return nnx.merge(graphdef, params, rest)
 
 
@@ -184,13 +203,13 @@ def checkpoint_kind(path: str, kinds: tuple[str, ...] = CHECKPOINT_KINDS) -> str
     """Returns which checkpoint `path` is: `params` (state/ + model_config.json), `train` (a training workdir, its
     checkpoints/ or one step) or `hf` (a Hugging Face directory: config.json + safetensors); only `kinds` count.
     Raises ParamsCheckpointError naming the layouts looked for."""
-    if not os.path.isdir(path):
+    if not paths.as_path(path).is_dir():
         raise ParamsCheckpointError(f"{path} is not a directory")
     if "params" in kinds and is_params_checkpoint(path):
         return "params"
     if "train" in kinds and is_train_workdir(path):
         return "train"
-    if "hf" in kinds and os.path.exists(os.path.join(path, "config.json")):
+    if "hf" in kinds and paths.as_path(paths.join(path, "config.json")).exists():
         return "hf"
     names = dict(params="a params checkpoint (state/ + model_config.json)",
                  train="a training workdir (checkpoints/)", hf="a Hugging Face directory (config.json)")

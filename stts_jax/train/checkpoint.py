@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from stts_jax import paths
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -69,7 +70,7 @@ class Checkpointer:
     def __init__(self, directory: str, every: int, keep: int, keep_period: int = 0):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                                keep_period=keep_period or None, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.manager = ocp.CheckpointManager(paths.as_path(directory), options=options)
 
     def latest_step(self) -> int | None:
         """Returns the newest saved step, or None."""

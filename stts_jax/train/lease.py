@@ -10,7 +10,10 @@ the same pid namespace (containers sharing a hostname have their own), its pid i
 is older than the larger of the holder's and the newcomer's `stale_s` (a preempted VM whose file was never
 removed). Every check-and-write (take, take over, heartbeat, release) runs under an exclusive `flock` on
 `LEASE.lock`, and holders are told apart by a random token, so of two jobs racing for a workdir exactly one holds
-it.
+it. A workdir on Cloud Storage (`gs://`) has no `flock` and no rename: there the lease object is written whole and
+read back after `REMOTE_SETTLE_S`, and a job that finds another's token refuses; two jobs starting within that
+window of each other are told apart by the last write (Cloud Storage's generation preconditions would close
+that window; fsspec does not expose them).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import uuid
 
 from absl import logging
 
+from stts_jax import paths
+
 LEASE_FILE = "LEASE"
+REMOTE_SETTLE_S = 2.0  # gs://: seconds between writing the lease and reading it back
 
 
 class WorkdirBusy(RuntimeError):
@@ -56,7 +62,9 @@ class Lease:
     def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_s: float = 300.0):
         if stale_s <= heartbeat_s:
             raise ValueError(f"stale_s ({stale_s}) must exceed heartbeat_s ({heartbeat_s})")
-        self.path = os.path.join(workdir, LEASE_FILE)
+        self.workdir = os.fspath(workdir)
+        self.path = paths.join(workdir, LEASE_FILE)
+        self.remote = paths.is_remote(workdir)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.me = dict(host=socket.gethostname(), pid=os.getpid(), pidns=_pid_namespace(), token=uuid.uuid4().hex,
                        started=time.time(), stale_s=stale_s)
@@ -66,8 +74,7 @@ class Lease:
     def holder(self) -> dict | None:
         """Returns the lease file's content (None when there is none; {} when unreadable, e.g. half written)."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            return json.loads(paths.read_text(self.path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -77,7 +84,7 @@ class Lease:
         """Returns why `holder` cannot be running any more, or None if it may be."""
         beat = holder.get("heartbeat")
         if not isinstance(beat, (int, float)):  # unreadable: judge by the file's age
-            beat = os.path.getmtime(self.path) if os.path.exists(self.path) else 0.0
+            beat = os.path.getmtime(self.path) if not self.remote and os.path.exists(self.path) else 0.0
         age = time.time() - beat
         same_namespace = (holder.get("host"), holder.get("pidns")) == (self.me["host"], self.me["pidns"])
         if same_namespace and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
@@ -92,7 +99,11 @@ class Lease:
 
     @contextlib.contextmanager
     def _locked(self):
-        """Exclusive flock on LEASE.lock: no two check-and-writes of the lease interleave (any process)."""
+        """Exclusive flock on LEASE.lock: no two check-and-writes of the lease interleave (any process); none on
+        an object store (see the module docstring)."""
+        if self.remote:
+            yield
+            return
         with open(self.path + ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -102,34 +113,40 @@ class Lease:
 
     def _write(self) -> None:
         """Writes this holder's record with a fresh heartbeat (replaced atomically: readers never see half)."""
-        tmp = f"{self.path}.{self.me['token']}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(dict(self.me, heartbeat=time.time())))
-        os.replace(tmp, self.path)
+        paths.write_text(self.path, json.dumps(dict(self.me, heartbeat=time.time())))
 
     def acquire(self) -> "Lease":
         """Takes the lease (taking over a stale one) or raises WorkdirBusy naming the live holder."""
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        paths.makedirs(self.workdir)
         with self._locked():
             holder = self.holder()
             if holder is not None:
                 reason = self.stale_reason(holder)
                 if reason is None:
-                    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-                    beat = time.time() - holder.get("heartbeat", time.time())
-                    raise WorkdirBusy(
-                        f"workdir {os.path.dirname(self.path)} is in use by another job: host "
-                        f"{holder.get('host')!r}, pid {holder.get('pid')}, started {started}, last heartbeat "
-                        f"{beat:.0f} s ago ({self.path}); stop that job or use another --workdir (a lease "
-                        f"whose holder died is taken over once its heartbeat is "
-                        f"{max(self.stale_s, float(holder.get('stale_s') or 0.0)):.0f} s old)")
+                    self._refuse(holder)
                 logging.warning("taking over the stale lease of %s (host %r, pid %s): %s", self.path,
                                 holder.get("host"), holder.get("pid"), reason)
             self._write()
+        if self.remote:  # no lock on an object store: the last writer holds it; read back once writes settled
+            time.sleep(REMOTE_SETTLE_S)
+            holder = self.holder()
+            if not self._mine(holder):
+                self._refuse(holder or {})
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="workdir-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _refuse(self, holder: dict) -> None:
+        """Raises WorkdirBusy naming `holder`."""
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        beat = time.time() - holder.get("heartbeat", time.time())
+        raise WorkdirBusy(
+            f"workdir {self.workdir} is in use by another job: host "
+            f"{holder.get('host')!r}, pid {holder.get('pid')}, started {started}, last heartbeat "
+            f"{beat:.0f} s ago ({self.path}); stop that job or use another --workdir (a lease "
+            f"whose holder died is taken over once its heartbeat is "
+            f"{max(self.stale_s, float(holder.get('stale_s') or 0.0)):.0f} s old)")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -155,7 +172,7 @@ class Lease:
         with self._locked():
             if self._mine(self.holder()):
                 try:
-                    os.remove(self.path)
+                    paths.as_path(self.path).unlink()
                 except FileNotFoundError:
                     pass
         if self._thread is not None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
+
+from stts_jax import paths
 
 # Peak dense bf16 FLOP/s per chip, for MFU (device_kind substrings; unknown devices report no MFU).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
@@ -27,13 +28,13 @@ class MetricWriter:
         self.total_steps = total_steps
         self.step_flops, self.tokens_per_step = step_flops, tokens_per_step
         self.peak = peak_flops_per_device() * jax.device_count()
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.enabled else None
+        self.jsonl = paths.AppendLog(paths.join(workdir, "metrics.jsonl")) if self.enabled else None
         self.tb = None
         if self.enabled:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))  # gs:// through google-cloud-storage
             except ImportError:
                 pass
         self.start = time.perf_counter()

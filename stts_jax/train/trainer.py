@@ -11,6 +11,7 @@ TensorBoard (`eval/...`); with `train.profile_steps="a,b"` it writes a `jax.prof
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -23,7 +24,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from stts_jax import geometry
+from stts_jax import geometry, paths
 from stts_jax.config import ConfigError, profile_range, validate_train_config
 from stts_jax.geometry import tokens_per_frame
 from stts_jax.geometry import FrameLayout
@@ -147,7 +148,8 @@ class _Prefetch:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop polls (checkpoint, then exit)."""
+    """Turns the first SIGTERM into a flag the loop polls (checkpoint, then exit); a second SIGTERM takes the
+    handler that was there before (by default: terminate), so an operator can still stop a hung save."""
 
     def __init__(self):
         self.requested = False
@@ -162,6 +164,8 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        os.write(2, b"SIGTERM: saving a checkpoint after this step, then exiting (a second SIGTERM terminates)\n")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -173,7 +177,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     # ---- config and workdir: refuse bad input before any compilation
     validate_train_config(cfg)
     evaluator = _Evaluator(cfg, workdir) if cfg.train.get("eval_every", 0) else None  # its split checked now
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     lease, busy = None, None
     if jax.process_index() == 0:  # one lease per job: the other hosts of this job share process 0's
         stale = float(cfg.train.get("lease_stale_s", 300.0))
@@ -197,7 +201,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
 
 def _run(cfg: ml_collections.ConfigDict, workdir: str, evaluator, stop_after: int | None) -> list[dict]:
     """train() once the config is checked and the workdir leased."""
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.ckpt_every,
+    checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"), cfg.train.ckpt_every,
                                          cfg.train.keep_ckpts, cfg.train.keep_period)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -246,7 +250,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, evaluator, stop_after: in
             with _Preemption() as preemption:
                 records += _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh,
                                  stop_after, kept / (w * layout.num_frames), evaluator,
-                                 os.path.join(workdir, "profile"))
+                                 paths.join(workdir, "profile"))
         finally:
             fetch.close()
             checkpointer.wait()
@@ -296,7 +300,7 @@ class _Evaluator:
             ev.option_letter_ids(load_tokenizer(self.tokenizer), max(len(q.options) for q in sheet.values()))
         except ev.EvalError as e:
             raise ConfigError(f"config field `train.eval_split`: {self.tokenizer}: {e}") from None
-        self.split, self.path = split, os.path.join(workdir, "eval.jsonl")
+        self.split, self.path = split, paths.join(workdir, "eval.jsonl")
         self.graphdef = self.writer = self.mesh = None
 
     def bind(self, graphdef, writer: MetricWriter, mesh) -> None:
@@ -324,8 +328,7 @@ class _Evaluator:
         if jax.process_index() == 0:
             print(f"eval step {step}: {self.split} accuracy {100 * record['accuracy']:.1f}% ({record['examples']} "
                   f"examples, {st.method} ratio {result.ratio:g}, {record['seconds']:.0f} s)", flush=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            paths.append_line(self.path, json.dumps(record))
             if self.writer is not None and self.writer.tb is not None:
                 for k, v in record.items():
                     if k != "step":
@@ -342,16 +345,18 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
     optimizer; `max_nonfinite` of them in a row raise NonFiniteUpdates (checked whenever metrics are read: at log
     and checkpoint steps), so no checkpoint ever holds what they would have written.
     """
-    trace = dict(range=profile_range(cfg), dir=profile_dir, on=False)
-    try:
-        return _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
-                      kept_fraction, evaluator, trace)
-    finally:
-        if trace["on"]:  # stopped (SIGTERM, error) inside the profiled steps: close the trace anyway
-            try:
-                jax.profiler.stop_trace()
-            except Exception as e:  # never hide the error that stopped the loop
-                logging.warning("profile: could not close the trace: %s", e)
+    trace = dict(range=profile_range(cfg), dir=profile_dir, target=profile_dir, on=False)
+    with paths.staged_dir(profile_dir) if trace["range"] else contextlib.nullcontext(profile_dir) as local_dir:
+        trace["dir"] = local_dir  # the profiler writes local files; a gs:// profile dir gets them on exit
+        try:
+            return _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
+                          kept_fraction, evaluator, trace)
+        finally:
+            if trace["on"]:  # stopped (SIGTERM, error) inside the profiled steps: close the trace anyway
+                try:
+                    jax.profiler.stop_trace()
+                except Exception as e:  # never hide the error that stopped the loop
+                    logging.warning("profile: could not close the trace: %s", e)
 
 
 def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after, kept_fraction,
@@ -382,7 +387,7 @@ def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, 
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             trace["on"] = False
-            logging.info("profile: trace of steps %d-%d in %s", max(first, start + 1), done, trace["dir"])
+            logging.info("profile: trace of steps %d-%d in %s", max(first, start + 1), done, trace["target"])
         stopping = (preempted or done == cfg.train.steps
                     or (stop_after is not None and done - start >= stop_after))
         log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
