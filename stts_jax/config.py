@@ -289,6 +289,18 @@ def _check_data_fields(fields, known) -> None:
             raise ConfigError(f"config field `data.{name}`: unknown{hint}")
 
 
+def _is_url(path) -> bool:
+    """A URL (gs://, s3://, ...), not a local path (stts_jax.paths.is_remote; config imports nothing of ours)."""
+    return "://" in str(path or "") and not str(path).startswith("file://")
+
+
+def remote_data_message(path) -> str:
+    """Why a prepared dataset cannot be read from a URL, and what to do instead."""
+    return (f"{path!r} is a URL: ArrayRecord's reader (under tfds and Grain) opens local files only; mount the bucket "
+            "with Cloud Storage FUSE (launch/tpu/install.sh --gcsfuse_bucket=BUCKET mounts it at /gcs/BUCKET) and "
+            "use the mounted directory")
+
+
 def validate_data_config(data: ml_collections.ConfigDict, prefix: str = "data.") -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first impossible field of a data section (`prefix` + name); returns it."""
     def need(cond, name, message):
@@ -302,10 +314,7 @@ def validate_data_config(data: ml_collections.ConfigDict, prefix: str = "data.")
          f"{data.videos_per_batch} video slots do not split evenly over {prefix}rows={data.rows} rows "
          "(every row holds videos_per_batch / rows slots)")
     need(data.seq_len >= 1, "seq_len", f"must be >= 1, got {data.seq_len}")
-    need(data.kind == "random" or "://" not in str(data.path or "") or str(data.path).startswith("file://"), "path",
-         f"{data.path!r} is a URL: ArrayRecord's reader (under tfds and Grain) opens local files only; mount the "
-         "bucket with Cloud Storage FUSE (launch/tpu/install.sh --gcsfuse_bucket=BUCKET mounts it at /gcs/BUCKET) "
-         "and set data.path to the mounted directory")
+    need(data.kind == "random" or not _is_url(data.path), "path", remote_data_message(data.path))
     need(data.sampler in SAMPLERS, "sampler", f"must be one of {SAMPLERS}, got {data.sampler!r}")
     need(data.on_bad_video in ON_BAD_VIDEO, "on_bad_video", f"must be one of {ON_BAD_VIDEO}, got {data.on_bad_video!r}")
     need(data.num_epochs is None or data.num_epochs >= 1, "num_epochs", f"must be None or >= 1, got {data.num_epochs}")
@@ -335,13 +344,14 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
         _require(group in PARAM_GROUPS, "optim.freeze", f"unknown group {group!r}; groups are {PARAM_GROUPS}")
     _require(data.get("kind") in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {data.get('kind')!r}")
     if data.kind != "random":
-        _require(bool(data.path) and ("://" in str(data.path) or os.path.exists(data.path)), "data.path",
+        _require(bool(data.path) and (_is_url(data.path) or os.path.exists(data.path)), "data.path",
                  f"dataset path {data.path!r} does not exist")
     validate_data_config(data)
     _require(data.kind == "random" or data.num_epochs is None, "data.num_epochs",
              f"training repeats the data (None); got {data.num_epochs} (a finite count would end the input mid-run)")
     if tr.init_from:
-        _require(os.path.isdir(tr.init_from), "train.init_from", f"checkpoint directory {tr.init_from!r} does not exist")
+        _require(_is_url(tr.init_from) or os.path.isdir(tr.init_from), "train.init_from",
+                 f"checkpoint directory {tr.init_from!r} does not exist")  # a gs:// one is checked when loaded
     _require(tr.get("eval_every", 0) >= 0, "train.eval_every", f"must be >= 0 (0 = off), got {tr.get('eval_every')}")
     if tr.get("eval_every", 0):
         _require(data.kind == "video", "train.eval_every",

@@ -23,6 +23,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 
 import fsspec
 from etils import epath
@@ -42,10 +43,11 @@ def is_remote(path: PathLike) -> bool:
 
 
 def as_path(path: PathLike) -> epath.Path:
-    """Returns `path` as an epath.Path: local paths made absolute, URLs as they are."""
+    """Returns `path` as an epath.Path: local paths (file:// ones too) made absolute, URLs as they are."""
     if is_remote(path):
         return epath.Path(str(path))
-    return epath.Path(os.path.abspath(os.fspath(path)))
+    text = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
+    return epath.Path(os.path.abspath(text[len("file://"):] if text.startswith("file://") else text))
 
 
 def join(path: PathLike, *parts: str) -> str:
@@ -77,11 +79,14 @@ def write_text(path: PathLike, text: str) -> None:
 
 class AppendLog:
     """A text file opened for appending lines: local files in append mode; remote objects (immutable) rewritten
-    whole at each `flush`, starting from what the object held when opened (a resumed run keeps its history)."""
+    whole, starting from what the object held when opened (a resumed run keeps its history), at most once every
+    `min_interval_s` seconds (Cloud Storage allows about one write a second to one object; each rewrite uploads
+    the whole log) and always on close."""
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, min_interval_s: float = 0.0):
         self.path = path
         self.remote = is_remote(path)
+        self.min_interval_s, self._uploaded = min_interval_s, float("-inf")
         if self.remote:
             p = as_path(path)
             self._lines = [p.read_text()] if p.exists() else []
@@ -95,15 +100,16 @@ class AppendLog:
         else:
             self._f.write(text)
 
-    def flush(self) -> None:
-        if self.remote:
-            as_path(self.path).write_text("".join(self._lines))
-        else:
+    def flush(self, force: bool = False) -> None:
+        if not self.remote:
             self._f.flush()
+        elif force or time.monotonic() - self._uploaded >= self.min_interval_s:
+            as_path(self.path).write_text("".join(self._lines))
+            self._uploaded = time.monotonic()
 
     def close(self) -> None:
         if self.remote:
-            self.flush()
+            self.flush(force=True)
         elif self._f is not None:
             self._f.close()
             self._f = None

@@ -27,6 +27,7 @@ def run_train(workdir, env, *extra, wait=True):
 
 def losses(workdir) -> dict[int, float]:
     recs = [json.loads(line) for line in paths.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in recs}) == len(recs), [r["step"] for r in recs]  # each step logged once
     return {r["step"]: r["loss"] for r in recs}
 
 
@@ -51,7 +52,7 @@ def test_training_in_a_bucket_is_preempted_resumed_and_read_back(tmp_path, bucke
             break
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert not (tmp_path / "gs:").exists() and not (paths.as_path(".") / "gs:").exists()  # nothing went local
+    assert not (paths.as_path(".") / "gs:").exists()  # nothing went to <cwd>/gs:/... (os.path on a URL)
     saved = sorted(int(p.name) for p in paths.as_path(f"{workdir}/checkpoints").iterdir() if p.name.isdigit())
     assert saved and 5 <= saved[-1] < 10, saved
     assert set(losses(workdir)) == set(range(1, saved[-1] + 1))
@@ -68,6 +69,17 @@ def test_training_in_a_bucket_is_preempted_resumed_and_read_back(tmp_path, bucke
     assert there.kind == "train" and there.step == 10 and there.train_config["train"]["steps"] == 10
     mine, theirs = flat_params(here.model), flat_params(there.model)
     assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    # a fine-tune starting from the bucket: init_from=gs://... passes the config check and loads those weights
+    from configs import tiny_train
+
+    from stts_jax.config import validate_train_config
+    from stts_jax.train.trainer import load_own_init
+
+    cfg = tiny_train.get_config()
+    cfg.train.init_from = workdir
+    validate_train_config(cfg)
+    tuned = flat_params(load_own_init(cfg))
+    assert all(np.array_equal(tuned[k], theirs[k]) for k in theirs if k[0] != "scorer")
 
 
 def test_lease_in_a_bucket_refuses_a_second_job_and_takes_over_a_stale_one(bucket):
@@ -86,6 +98,31 @@ def test_lease_in_a_bucket_refuses_a_second_job_and_takes_over_a_stale_one(bucke
     second = Lease(bucket, heartbeat_s=30, stale_s=60).acquire()
     assert second.holder()["token"] == second.me["token"]
     second.release()
+
+
+def test_lease_in_a_bucket_goes_to_the_last_writer(bucket):
+    """No lock on an object store: a job that finds, once its write settled, another job's lease refuses."""
+    import threading
+
+    from stts_jax.train import lease as lease_lib
+
+    mine = lease_lib.Lease(bucket, heartbeat_s=30, stale_s=60)
+    outcome = {}
+
+    def take():
+        try:
+            outcome["lease"] = mine.acquire()
+        except lease_lib.WorkdirBusy as e:
+            outcome["busy"] = str(e)
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    time.sleep(lease_lib.REMOTE_SETTLE_S / 4)  # another job writes inside the settle window
+    other = dict(host="other-vm", pid=7, pidns="y", token="theirs", started=time.time(), stale_s=60,
+                 heartbeat=time.time())
+    paths.write_text(f"{bucket}/LEASE", json.dumps(other))
+    thread.join()
+    assert "lease" not in outcome and "host 'other-vm', pid 7" in outcome["busy"], outcome
 
 
 def test_export_import_and_params_checkpoints_in_a_bucket(bucket, tmp_path):
@@ -128,6 +165,10 @@ def test_export_import_and_params_checkpoints_in_a_bucket(bucket, tmp_path):
 
     with pytest.raises(ConfigError, match="data.path.*opens local files only.*Cloud Storage FUSE"):
         validate_data_config(data_config(kind="video", path=f"{bucket}/data"))
+    from stts_jax.data.pipeline import open_source
+
+    with pytest.raises(ValueError, match="opens local files only"):  # evaluation's reader too (it would hang)
+        open_source(f"{bucket}/data", "validation")
 
 
 def test_append_log_keeps_what_the_object_held(bucket):

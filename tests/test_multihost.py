@@ -113,3 +113,36 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     assert len(want) == 9 and results[0]["devices"] == 8
     for r in results:
         assert sorted(r["predictions"]) == want and r["count"] == single.count
+
+
+def test_two_hosts_with_diverging_data_resume_each_where_it_was(tmp_path):
+    """Video data over 2 hosts, each packing its own slice, so their data-iterator states differ; 4 steps straight,
+    and 4 steps stopped after 2 and resumed: the same losses step for step. Every host saved and restored its own
+    state (one file per process): a host resumed with the other host's state would read the other's slice."""
+    import tensorflow_datasets as tfds
+
+    from stts_jax.data.synthetic import ClipSpec, write_benchmark
+    from stts_jax.data.tfds_builders.video_qa import VideoQa
+
+    manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+    write_benchmark(manual, 12, ClipSpec(), validation_clips=1)
+    VideoQa(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    port = free_port()
+    worker = os.path.join(os.path.dirname(__file__), "multihost_resume_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), data_dir,
+                               os.path.join(manual, "tokenizer.json"), str(tmp_path / "runs"),
+                               str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    results = [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)]
+    assert results[0] == results[1]
+    straight, resumed = results[0]["straight"], results[0]["resumed"]
+    assert sorted(straight) == sorted(resumed) == ["1", "2", "3", "4"]
+    assert all(straight[s] == resumed[s] for s in straight), (straight, resumed)
+    for run in ("straight", "resumed"):  # each host wrote its own data state, and the two differ
+        data = tmp_path / "runs" / run / "checkpoints" / "2" / "data"
+        states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+        assert states[0] != states[1], states

@@ -204,3 +204,29 @@ def test_profile_steps_write_a_trace_of_exactly_those_steps(tmp_path):
         with pytest.raises(ConfigError, match="train.profile_steps"):
             train(tiny_cfg(steps=4, profile_steps=bad), str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "profile")
+
+
+def test_data_state_is_saved_per_host_and_old_checkpoints_still_restore(tmp_path):
+    """The data-iterator state goes to Grain's per-process file (process_0-of-1.json here) and comes back equal; a
+    checkpoint written the old way (one JSON item) restores its state too."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from stts_jax.train.checkpoint import Checkpointer, config_json
+
+    cfg = tiny_cfg()
+    state = {"w": jnp.arange(3.0)}
+    data = {"position": 7, "slices": [1, 2]}
+    new = Checkpointer(str(tmp_path / "new"), every=1, keep=2)
+    new.save(1, state, data, cfg, force=True)
+    new.wait()
+    assert json.loads((tmp_path / "new" / "1" / "data" / "process_0-of-1.json").read_text()) == data
+    restored, got = new.restore(1, state)
+    assert got == data and np.array_equal(restored["w"], state["w"])
+    new.close()
+    old = Checkpointer(str(tmp_path / "old"), every=1, keep=2)
+    old.manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                                                 config=ocp.args.JsonSave(config_json(cfg))), force=True)
+    old.wait()
+    assert old.restore(1, state)[1] == data
+    old.close()

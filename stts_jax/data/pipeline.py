@@ -43,7 +43,7 @@ from absl import logging
 
 from stts_jax import geometry as geo
 from stts_jax import paths
-from stts_jax.config import ConfigError, validate_data_config
+from stts_jax.config import ConfigError, remote_data_message, validate_data_config
 from stts_jax.data.examples import ExampleBuilder
 from stts_jax.data.processor import Molmo2TextEncoder, PromptFormat, normalize_pixels
 
@@ -233,8 +233,12 @@ def find_dataset_dir(data_dir: str, name: str = "video_qa") -> str:
 
 
 def open_source(data_dir: str, split: str = "train"):
-    """Returns the random-access tfds ArrayRecord source of a prepared split (records are dicts)."""
+    """Returns the random-access tfds ArrayRecord source of a prepared split (records are dicts); a URL is refused
+    (ArrayRecord's reader opens local files only: it would hang on gs://)."""
     import tensorflow_datasets as tfds
+
+    if paths.is_remote(data_dir):
+        raise ValueError(remote_data_message(data_dir))
 
     builder = tfds.builder_from_directory(find_dataset_dir(data_dir))
     return builder.as_data_source(split)

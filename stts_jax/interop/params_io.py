@@ -89,18 +89,20 @@ def _train_checkpoints(path: str, step: int | None = None):
         root, step = where.parent, int(where.name) if step is None else step
     else:
         root = where / "checkpoints" if (where / "checkpoints").is_dir() else where
-    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True)) \
-        if root.is_dir() else None
-    steps = sorted(manager.all_steps()) if manager is not None else []
-    if not steps:
-        if manager is not None:
-            manager.close()
+    if not root.is_dir():
         raise ParamsCheckpointError(f"{path}: no trainer checkpoint steps found (expected {root}/<step>/state)")
-    if step is None:
-        step = steps[-1]
-    if step not in steps:
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise ParamsCheckpointError(f"{path}: no trainer checkpoint steps found (expected {root}/<step>/state)")
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise ParamsCheckpointError(f"{path}: no checkpoint for step {step}; saved steps are {steps}")
+    except BaseException:
         manager.close()
-        raise ParamsCheckpointError(f"{path}: no checkpoint for step {step}; saved steps are {steps}")
+        raise
     return manager, step
 
 
@@ -115,15 +117,20 @@ def train_step_dir(path: str, step: int | None = None) -> str:
 
 def saved_train_config(path: str, step: int | None = None) -> dict:
     """Returns the training config (a plain dict) saved with a trainer checkpoint (latest step unless given)."""
+    manager, step = _train_checkpoints(path, step)
+    try:
+        return _saved_config(manager, step, path)
+    finally:
+        manager.close()
+
+
+def _saved_config(manager, step: int, path: str) -> dict:
     import orbax.checkpoint as ocp
 
-    manager, step = _train_checkpoints(path, step)
     try:
         return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ParamsCheckpointError(f"{path}: checkpoint step {step} has no readable config item ({e})") from None
-    finally:
-        manager.close()
 
 
 def _param_shardings(abstract_params, mesh):
@@ -143,21 +150,23 @@ def load_train_checkpoint(path: str, step: int | None = None, mesh=None):
 
     from stts_jax.model.vlm import Molmo2VLM
 
-    saved = saved_train_config(path, step)
-    if "model" not in saved:
-        raise ParamsCheckpointError(f"{path}: the saved config has no field `model`")
-    cfg = config_from_dict(saved["model"], error=ParamsCheckpointError)
-    abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    item = {"params": abstract_params}
-    restore_args = {"params": jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
-                                           _param_shardings(abstract_params, mesh))}
-    manager, step = _train_checkpoints(path, step)
-    try:  # a partial restore of the state item: the optimizer state is never read
-        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True)))["state"]
-    except (ValueError, KeyError) as e:
-        raise ParamsCheckpointError(f"{path}: step {step}: the parameters do not fit the model config ({e})") from None
+    manager, step = _train_checkpoints(path, step)  # the step is resolved once: config and params match
+    try:
+        saved = _saved_config(manager, step, path)
+        if "model" not in saved:
+            raise ParamsCheckpointError(f"{path}: the saved config has no field `model`")
+        cfg = config_from_dict(saved["model"], error=ParamsCheckpointError)
+        abstract = nnx.eval_shape(lambda: Molmo2VLM(cfg, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+        item = {"params": abstract_params}
+        restore_args = {"params": jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
+                                               _param_shardings(abstract_params, mesh))}
+        try:  # a partial restore of the state item: the optimizer state is never read
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True)))["state"]
+        except (ValueError, KeyError) as e:
+            raise ParamsCheckpointError(f"{path}: step {step}: the parameters do not fit the model config "
+                                        f"({e})") from None
     finally:
         manager.close()
     return nnx.merge(graphdef, out["params"], rest), step

@@ -1,4 +1,10 @@
-"""Orbax checkpoints (the only file that knows Orbax): state + data-iterator state + config, async, keep-last-K."""
+"""Orbax checkpoints (the only file that knows Orbax): state + data-iterator state + config, async, keep-last-K.
+
+The data-iterator state is per host: every process writes its own `data/process_<i>-of-<n>.json` (Grain's
+checkpoint handler) and restores its own, so hosts whose pipelines diverged (different slices, packing or
+skipped videos) each resume where they were. Checkpoints written before this (one JSON item from the primary
+host) still restore: every host then gets that one state, as it did then.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
 
 from stts_jax import paths
 
@@ -61,6 +68,24 @@ def check_compatible(saved: dict, cfg: ml_collections.ConfigDict) -> None:
                                      f"{', '.join(RESUME_MAY_CHANGE)})")
 
 
+class HostDataState:
+    """This host's data-iterator state (a JSON-able dict) in the shape Grain's checkpoint handler saves and
+    restores (it would otherwise want the iterator itself; the trainer saves the state of the last batch it took,
+    which its prefetch thread has moved past)."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, sort_keys=True).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # called by the handler after set_state; nothing runs here
+        pass
+
+
 class Checkpointer:
     """Saves {state, data, config} every `every` steps (async) and on demand; restores the latest.
 
@@ -89,15 +114,16 @@ class Checkpointer:
         if self.manager.latest_step() == step:  # e.g. SIGTERM on a periodic step: that save is the one
             return False
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.StandardSave(state), data=grain_checkpoint.CheckpointSave(HostDataState(data_state)),
             config=ocp.args.JsonSave(config_json(cfg))), force=force)
 
     def restore(self, step: int, like_state) -> tuple[object, dict]:
         """Returns (state, data_state) of checkpoint `step`, placed like `like_state` (shapes + shardings)."""
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+        per_host = any((self.manager.directory / str(step) / "data").glob("process_*-of-*.json"))
+        data = grain_checkpoint.CheckpointRestore(HostDataState()) if per_host else ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=data))
+        return out["state"], out["data"].state if per_host else out["data"]
 
     def wait(self) -> None:
         """Blocks until async saves are on disk."""

@@ -161,7 +161,7 @@ class Lease:
                                       "it", self.path, holder.get("host"), holder.get("pid"))
                         return
                     self._write()
-            except OSError as e:  # a full disk must not kill training; the lease just ages
+            except Exception as e:  # a full disk or a Cloud Storage error must not end the heartbeat; the lease ages
                 logging.warning("could not refresh the lease %s: %s", self.path, e)
 
     lost = False  # set when another job took the lease over (our heartbeat had stopped for stale_s)

@@ -28,7 +28,8 @@ class MetricWriter:
         self.total_steps = total_steps
         self.step_flops, self.tokens_per_step = step_flops, tokens_per_step
         self.peak = peak_flops_per_device() * jax.device_count()
-        self.jsonl = paths.AppendLog(paths.join(workdir, "metrics.jsonl")) if self.enabled else None
+        self.jsonl = paths.AppendLog(paths.join(workdir, "metrics.jsonl"), min_interval_s=10.0) if self.enabled \
+            else None  # on gs://: the object is rewritten at most every 10 s (and at the end)
         self.tb = None
         if self.enabled:
             try:

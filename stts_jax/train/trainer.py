@@ -11,10 +11,11 @@ TensorBoard (`eval/...`); with `train.profile_steps="a,b"` it writes a `jax.prof
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -346,17 +347,27 @@ def _loop(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, m
     and checkpoint steps), so no checkpoint ever holds what they would have written.
     """
     trace = dict(range=profile_range(cfg), dir=profile_dir, target=profile_dir, on=False)
-    with paths.staged_dir(profile_dir) if trace["range"] else contextlib.nullcontext(profile_dir) as local_dir:
-        trace["dir"] = local_dir  # the profiler writes local files; a gs:// profile dir gets them on exit
-        try:
-            return _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
-                          kept_fraction, evaluator, trace)
-        finally:
-            if trace["on"]:  # stopped (SIGTERM, error) inside the profiled steps: close the trace anyway
-                try:
-                    jax.profiler.stop_trace()
-                except Exception as e:  # never hide the error that stopped the loop
-                    logging.warning("profile: could not close the trace: %s", e)
+    if trace["range"] and paths.is_remote(profile_dir):  # the profiler writes local files: uploaded when it stops
+        trace["dir"] = tempfile.mkdtemp(prefix="stts_profile_")
+    try:
+        return _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after,
+                      kept_fraction, evaluator, trace)
+    finally:
+        if trace["on"]:  # stopped (SIGTERM, error) inside the profiled steps: close the trace anyway
+            try:
+                _stop_trace(trace)
+            except Exception as e:  # never hide the error that stopped the loop
+                logging.warning("profile: could not close the trace: %s", e)
+        if trace["dir"] != trace["target"]:
+            shutil.rmtree(trace["dir"], ignore_errors=True)
+
+
+def _stop_trace(trace: dict) -> None:
+    """Stops the profiler; a trace written for a gs:// profile dir is uploaded there now (not at the run's end)."""
+    trace["on"] = False
+    jax.profiler.stop_trace()
+    if trace["dir"] != trace["target"]:
+        paths.upload_tree(trace["dir"], trace["target"])
 
 
 def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, mesh, stop_after, kept_fraction,
@@ -385,8 +396,7 @@ def _steps(cfg, start, step_fn, state, fetch, preemption, checkpointer, writer, 
         preempted = _any_host(preemption.requested)  # every host stops (and saves) at the same step
         if trace["on"] and done >= last_traced:
             jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-            trace["on"] = False
+            _stop_trace(trace)
             logging.info("profile: trace of steps %d-%d in %s", max(first, start + 1), done, trace["target"])
         stopping = (preempted or done == cfg.train.steps
                     or (stop_after is not None and done - start >= stop_after))
