@@ -4,6 +4,10 @@
   python launch/estimate.py --config=configs/molmo2_4b_stts.py:none --config.data.num_frames=128 --csv=est.csv
   python launch/estimate.py --config=configs/tiny_train.py --chips=8 --platform=cpu --keep_batch
   python launch/estimate.py --config=configs/molmo2_4b_stts.py:scorer --config.data.num_frames=64 --program=eval
+  python launch/estimate.py --config=configs/molmo2_4b_stts.py:scorer --platform=tpu --chips=64 --slices=2
+
+`--slices=S` (TPU): the chips form S slices of chips/S (a multi-slice topology, `num_slices`); the mesh's data
+axis spans the slices over DCN, fsdp and tensor stay inside one (`mesh.slices`, sharding.make_mesh).
 
 `--program=eval` estimates the evaluation forward instead (`stts_jax.estimate.estimate_eval`: the program
 launch/eval.py runs per batch, parameters restored onto the mesh, `--videos_per_device` one-video rows per device,
@@ -52,6 +56,9 @@ _PLATFORM = flags.DEFINE_enum("platform", "auto", ["auto", "tpu", "cpu"],
 _TPU = flags.DEFINE_enum("tpu", "v5p", ["v5p", "v5e", "v6e"], "TPU generation (--platform=tpu; one device per chip).")
 _MESH = flags.DEFINE_string("mesh", "auto", "auto (fsdp as wide as every embed width divides, data over the rest) | "
                             "fsdp (all chips on the fsdp axis) | config | D,F,T (-1 = the rest, F=0 = auto).")
+_SLICES = flags.DEFINE_integer("slices", 1, "Multi-slice (--platform=tpu): the chips form this many equal slices "
+                               "joined over DCN; the data axis spans them (mesh.slices), e.g. --chips=64 --slices=2 "
+                               "is 2 x v5p-64.")
 _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 64, "Videos per optimizer step (the paper: 64).")
 _VIDEOS_PER_DEVICE = flags.DEFINE_integer("videos_per_device", 1, "Videos per data-parallel device per micro-batch.")
 _TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 256, "Question + answer tokens per video (sets seq_len).")
@@ -114,7 +121,7 @@ def run_child(chips: int) -> dict:
     import jax
 
     from stts_jax.config import validate_model_config
-    from stts_jax import estimate
+    from stts_jax import estimate, topology
     from stts_jax.train import sharding
     from stts_jax.train.trainer import model_embed_dims
 
@@ -123,8 +130,10 @@ def run_child(chips: int) -> dict:
     if _PLATFORM.value == "tpu":
         from jax.experimental import topologies
 
-        devices = topologies.get_topology_desc(estimate.topology_name(_TPU.value, chips), "tpu").devices
-        kind = devices[0].device_kind
+        per_slice = topology.topology_name(_TPU.value, chips // _SLICES.value)
+        multi = {"num_slices": _SLICES.value} if _SLICES.value > 1 else {}
+        devices = topologies.get_topology_desc(per_slice, "tpu", **multi).devices
+        kind = devices[0].device_kind + (f" x {_SLICES.value} slices ({per_slice})" if _SLICES.value > 1 else "")
     else:
         devices = jax.devices()
         kind = f"{len(devices)} simulated CPU devices"
@@ -132,7 +141,7 @@ def run_child(chips: int) -> dict:
         raise RuntimeError(f"asked for {chips} devices, got {len(devices)}")
     data, fsdp, tensor = mesh_axes(_MESH.value, cfg, chips)
     embed_dims = model_embed_dims(cfg.model) if fsdp == 0 else ()
-    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, embed_dims=embed_dims)
+    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, embed_dims=embed_dims, slices=_SLICES.value)
     evaluating = _PROGRAM.value == "eval"
     if not _KEEP_BATCH.value:
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -154,7 +163,7 @@ def run_child(chips: int) -> dict:
         execution=st.execution if st.method != "none" else "-", remat=bool(cfg.model.get("remat", False)),
         videos_per_micro=cfg.data.videos_per_batch, grad_accum=cfg.train.grad_accum,
         global_videos=cfg.data.videos_per_batch * cfg.train.grad_accum, seq_len=cfg.data.seq_len,
-        program=_PROGRAM.value)
+        program=_PROGRAM.value, slices=_SLICES.value)
 
 
 def spawn(chips: int) -> dict:
@@ -210,6 +219,8 @@ def gib(value) -> str:
 def table_cells(row: dict) -> dict:
     mesh = "x".join(row["mesh"].split(" (")[0].replace("data=", "").replace("fsdp=", "").replace("tensor=", "")
                     .split(" x "))
+    if row.get("slices", 1) > 1:
+        mesh = f"{row['slices']} slices, {mesh}"
     return dict(row, mesh=mesh, batch=f"{row['videos_per_micro']}x{row['grad_accum']}",
                 params_gib=row["params_bytes"] / GIB, opt_gib=row["opt_bytes"] / GIB,
                 temp_gib=gib(row["temp_bytes"]) + ("*" if row["compile_error"] else ""), peak_gib=gib(row["peak_bytes"]),
@@ -244,12 +255,17 @@ def main(argv):
         raise app.UsageError(f"--chips={','.join(_CHIPS.value)}: expected integers like 8,64,256") from None
     for chips in chip_counts:
         mesh_axes(_MESH.value, _CONFIG.value, chips)  # refuse a bad --mesh before any subprocess starts
+        if _SLICES.value < 1 or chips % _SLICES.value:
+            raise app.UsageError(f"--slices={_SLICES.value} must be >= 1 and divide --chips ({chips})")
         if _PLATFORM.value == "tpu" and (chips < 1 or chips & (chips - 1)):
             raise app.UsageError(f"--chips: {chips} is not a power of two (TPU slice topologies)")
     if _PLATFORM.value == "auto":
         flags.FLAGS.platform = "tpu" if libtpu_available() else "cpu"
     elif _PLATFORM.value == "tpu" and not libtpu_available():
         raise app.UsageError("--platform=tpu needs libtpu: pip install 'libtpu==0.0.42.*' (or --platform=cpu)")
+    if _SLICES.value > 1 and _PLATFORM.value != "tpu":
+        raise app.UsageError(f"--slices={_SLICES.value} needs --platform=tpu (a multi-slice TPU topology; fake CPU "
+                             "devices of one process form one slice)")
     peak = _PEAK.value or CHIPS[_TPU.value]["tflops"]
     hbm = CHIPS[_TPU.value]["hbm_gib"] if _PLATFORM.value == "tpu" else None
     print("# temp* = temporaries XLA:TPU said it needs when it refused to compile (does not fit)")

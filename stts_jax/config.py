@@ -333,6 +333,15 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
         _require(section in cfg, section, "missing section")
     validate_model_config(cfg.model)
     tr, data, optim = cfg.train, cfg.data, cfg.optim
+    mesh = cfg.mesh
+    _require(set(mesh.keys()) <= {"data", "fsdp", "tensor", "slices"}, "mesh",
+             f"unknown field(s) {sorted(set(mesh.keys()) - {'data', 'fsdp', 'tensor', 'slices'})}")
+    _require(all(isinstance(mesh.get(k, 1), int) for k in ("data", "fsdp", "tensor", "slices")), "mesh",
+             "data, fsdp, tensor and slices must be integers")
+    _require(mesh.get("slices", 1) >= 1, "mesh.slices", f"must be >= 1 (1 = one slice), got {mesh.get('slices')}")
+    _require(mesh.data == -1 or mesh.data % mesh.get("slices", 1) == 0, "mesh.data",
+             f"must be -1 or a multiple of mesh.slices={mesh.get('slices')} (the data axis spans the slices), "
+             f"got {mesh.data}")
     _require(tr.steps > 0, "train.steps", f"must be > 0, got {tr.steps}")
     _require(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
     _require(tr.log_every >= 1 and tr.ckpt_every >= 1 and tr.keep_ckpts >= 1, "train.log_every",
@@ -381,7 +390,9 @@ def train_config(model: ml_collections.ConfigDict | None = None) -> ml_collectio
     return ml_collections.ConfigDict(dict(
         model=model if model is not None else model_config(),
         data=data_config(),
-        mesh=dict(data=-1, fsdp=1, tensor=1),  # -1 fills with the remaining devices; fsdp=0: the largest fsdp dividing every embed width
+        # -1 fills with the remaining devices; fsdp=0: the largest fsdp dividing every embed width; slices > 1:
+        # multi-slice, the data axis spans that many slices over DCN (fsdp, tensor inside one; sharding.make_mesh)
+        mesh=dict(data=-1, fsdp=1, tensor=1, slices=1),
         optim=dict(
             lr_vit=5e-6, lr_adapter=5e-6, lr_llm=1e-5, lr_scorer=1e-4,
             warmup_steps=200, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,

@@ -40,21 +40,7 @@ from stts_jax.train.optim import make_optimizer
 from stts_jax.train.step import make_train_step, shardings_of
 from stts_jax.train.trainer import frame_layout
 
-TOPOLOGY_DIMS = {"v5p": 3, "v4": 3, "v5e": 2, "v6e": 2}  # 3-D torus or 2-D slices
-
 INT_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
-
-
-def topology_name(tpu: str, chips: int) -> str:
-    """Returns the topology of a slice of `chips` chips: power-of-two sides as even as possible, ascending, sides of
-    1 last (v5p: 4 -> 2x2x1, 8 -> 2x2x2, 64 -> 4x4x4, 256 -> 4x8x8; v5e/v6e: 8 -> 2x4, 256 -> 16x16)."""
-    if chips < 1 or chips & (chips - 1):
-        raise ValueError(f"{chips} chips: TPU slices here are powers of two")
-    sides = [1] * TOPOLOGY_DIMS[tpu]
-    for i in range(chips.bit_length() - 1):
-        sides[i % len(sides)] *= 2
-    sides = sorted(s for s in sides if s > 1) + [s for s in sides if s == 1]
-    return f"{tpu}:" + "x".join(map(str, sides))
 
 
 def tokens_per_video(cfg: ml_collections.ConfigDict, text_tokens: int) -> int:

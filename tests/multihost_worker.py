@@ -1,4 +1,5 @@
-"""One process of the two-process test: 4 simulated CPU devices, gloo collectives, 3 training steps."""
+"""One process of the two-process tests: 4 simulated CPU devices, gloo collectives, 3 training steps (8 for the
+preemption test)."""
 
 import json
 import os
@@ -22,8 +23,16 @@ cfg = tiny_train.get_config("scorer")
 cfg.train.update(steps=3, log_every=1, ckpt_every=100)
 if variant == "empty_slots":
     cfg.data.update(tiny_train.EMPTY_SLOTS_DATA)
+if variant == "preempt":  # the test sends SIGTERM to one process mid-run, then starts both again to resume
+    cfg.train.update(steps=8, ckpt_every=100)
 cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+if variant == "slices":  # each process one slice: data spans the two over the 'DCN' (gloo), fsdp=2 inside each
+    cfg.mesh.update(fsdp=2, slices=2)
 records = train(cfg, workdir)
+from stts_jax.train import sharding  # noqa: E402
+
+mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, slices=cfg.mesh.slices)  # the trainer's
+mesh_processes = [[[d.process_index for d in row] for row in plane] for plane in mesh.devices.tolist()]
 with open(out, "w") as f:
     json.dump({"losses": [r["loss"] for r in records], "devices": jax.device_count(),
-               "local": jax.local_device_count()}, f)
+               "local": jax.local_device_count(), "mesh_processes": mesh_processes}, f)

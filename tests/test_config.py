@@ -36,3 +36,32 @@ def test_training_repeats_its_video_data(tmp_path):
         validate_train_config(cfg)
     cfg.data.num_epochs = None
     validate_train_config(cfg)
+
+
+def test_mesh_section_is_checked_before_any_work():
+    from configs import tiny_train
+
+    for update, needle in [(dict(slices=0), r"`mesh\.slices`: must be >= 1"),
+                           (dict(data=3, slices=2), r"`mesh\.data`: must be -1 or a multiple of mesh\.slices=2")]:
+        cfg = tiny_train.get_config("scorer")
+        cfg.mesh.update(update)
+        with pytest.raises(ConfigError, match=needle):
+            validate_train_config(cfg)
+    cfg = tiny_train.get_config("scorer")
+    cfg.mesh.unlock()
+    cfg.mesh.replicas = 2
+    with pytest.raises(ConfigError, match=r"`mesh`: unknown field\(s\) \['replicas'\]"):
+        validate_train_config(cfg)
+
+
+def test_two_slices_on_one_process_are_refused_by_the_trainer(tmp_path):
+    """One process has one granule (CPU devices carry no slice_index): mesh.slices=2 is refused naming what the
+    devices form, before any compilation."""
+    from configs import tiny_train
+
+    from stts_jax.train.trainer import train
+
+    cfg = tiny_train.get_config("scorer")
+    cfg.mesh.update(slices=2)
+    with pytest.raises(ConfigError, match=r"`mesh`: slices=2, but the 8 devices form 1 process\(es\)"):
+        train(cfg, str(tmp_path / "run"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stts_jax import estimate
+from stts_jax import estimate, topology
 from stts_jax.train import sharding
 from stts_jax.train.inputs import random_micro_batch
 from stts_jax.train.optim import make_optimizer
@@ -107,11 +107,14 @@ def test_batch_scaling_and_closed_forms():
     assert (cfg.data.videos_per_batch, cfg.train.grad_accum) == (256, 1)  # 64 does not split over 256
     assert cfg.data.seq_len == -(-(81 * 128 - 81 * 64 + 4 * 128 + 256) // 128) * 128
     assert base.data.seq_len == 9728  # the input config is left alone
-    assert estimate.topology_name("v5p", 4) == "v5p:2x2x1"
-    assert estimate.topology_name("v5p", 8) == "v5p:2x2x2"
-    assert estimate.topology_name("v5p", 64) == "v5p:4x4x4"
-    assert estimate.topology_name("v5p", 256) == "v5p:4x8x8"
-    assert estimate.topology_name("v5e", 256) == "v5e:16x16"
+    assert topology.topology_name("v5p", 4) == "v5p:2x2x1"
+    assert topology.topology_name("v5p", 8) == "v5p:2x2x2"
+    assert topology.topology_name("v5p", 64) == "v5p:4x4x4"
+    assert topology.topology_name("v5p", 256) == "v5p:4x8x8"
+    assert topology.topology_name("v5e", 256) == "v5e:16x16"
+    assert topology.accelerator_type("v5p", 32) == "v5p-64" and topology.accelerator_type("v5e", 64) == "v5litepod-64"
+    with pytest.raises(ValueError, match="48 chips: TPU slices here are powers of two"):
+        topology.accelerator_type("v5p", 48)
     assert estimate.step_seconds(459e12 * 64 * 0.5, 64, 459e12, 0.5) == pytest.approx(1.0)
 
 

@@ -1,7 +1,7 @@
 """The package's layering, read from the source (every import statement, function-level ones included).
 
-Bottom: `geometry` (numpy only), `config` (ml_collections only), `cli` (absl only) and `paths` (etils.epath: local
-or gs:// files). Above them: the pure STTS
+Bottom: `geometry` (numpy only), `config` (ml_collections only), `cli` (absl only), `topology` (pure Python) and
+`paths` (etils.epath: local or gs:// files). Above them: the pure STTS
 functions (`stts/` but its nnx scorer), then `model/` (+ the scorer) and, beside it, `data/`, which never imports
 the model. `interop/` and `eval/` build on those and on `train/sharding.py` (the mesh); the rest of `train/` and
 `estimate` sit above everything (the trainer runs in-loop evaluation and counts FLOPs). `launch/` and `configs/` sit
@@ -22,6 +22,7 @@ RULES = {
     "stts_jax.config": (),
     "stts_jax.cli": (),  # absl flags of the entry points
     "stts_jax.paths": (),  # local or gs:// files (etils.epath)
+    "stts_jax.topology": (),  # TPU slice shapes (pure Python; launch/tpu/jobset.py runs without jax)
     "stts_jax.stts.selection": ("stts_jax.geometry",),
     "stts_jax.stts.temporal": ("stts_jax.geometry", "stts_jax.stts.selection"),
     "stts_jax.stts.token_packing": ("stts_jax.geometry",),

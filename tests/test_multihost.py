@@ -146,3 +146,68 @@ def test_two_hosts_with_diverging_data_resume_each_where_it_was(tmp_path):
         data = tmp_path / "runs" / run / "checkpoints" / "2" / "data"
         states = [json.loads((data / f"process_{i}-of-2.json").read_text()) for i in range(2)]
         assert states[0] != states[1], states
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(tmp_path):
+    """SIGTERM to process 1 only, once process 0 logged step 3: both hosts agree on the step, both save it (each
+    its own data-state file in that step) and exit 0; started again, both resume from it, and the run's losses
+    (steps 1..8, each once) match one process's."""
+    import signal
+
+    from configs import tiny_train
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    port = free_port()
+    worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workdir = tmp_path / "multi"
+
+    def start(i, log):
+        return subprocess.Popen([sys.executable, worker, str(port), str(i), str(workdir), str(tmp_path / f"o{i}.json"),
+                                 "preempt"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    with open(tmp_path / "log1.txt", "w") as log1:
+        procs = [start(0, subprocess.PIPE), start(1, log1)]
+        for line in procs[0].stdout:
+            if line.startswith("step 3/"):
+                procs[1].send_signal(signal.SIGTERM)
+                break
+        out0 = procs[0].communicate(timeout=600)[0]
+        procs[1].wait(timeout=600)
+    assert [p.returncode for p in procs] == [0, 0], out0[-2000:] + (tmp_path / "log1.txt").read_text()[-2000:]
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert 3 <= steps[-1] < 8, steps  # (Orbax also keeps its first save, step 1)
+    data = workdir / "checkpoints" / str(steps[-1]) / "data"
+    assert sorted(f for f in os.listdir(data) if f.startswith("process_")) == ["process_0-of-2.json",
+                                                                               "process_1-of-2.json"]
+    port = free_port()
+    with open(tmp_path / "log1b.txt", "w") as log1:
+        procs = [start(0, subprocess.PIPE), start(1, log1)]
+        out0 = procs[0].communicate(timeout=600)[0]
+        procs[1].wait(timeout=600)
+    assert [p.returncode for p in procs] == [0, 0], out0[-2000:]
+    with open(workdir / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    cfg = tiny_train.get_config("scorer")
+    cfg.train.update(steps=8, log_every=1, ckpt_every=100)
+    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
+    np.testing.assert_allclose([r["loss"] for r in logged], single, rtol=2e-5)
+
+
+def test_two_slices_over_dcn_match_single_process(tmp_path):
+    """mesh.slices=2 with each process as a slice (CPU devices carry no slice_index): the data axis spans the two
+    processes (hybrid mesh: process 0 holds data rows 0-1, process 1 rows 2-3; fsdp=2 inside each), and the
+    losses equal one 8-device process's."""
+    from configs import tiny_train
+
+    cfg = tiny_train.get_config("scorer")
+    cfg.train.update(steps=3, log_every=1, ckpt_every=100)
+    results = run_two_processes(tmp_path, "slices")
+    assert results[0]["mesh_processes"] == [[[0], [0]], [[0], [0]], [[1], [1]], [[1], [1]]]  # [data][fsdp][tensor]
+    single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
+    np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
+    np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)

@@ -8,6 +8,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -194,3 +195,131 @@ def test_without_dry_run_the_same_commands_run(tmp_path):
         assert out.returncode == 0, out.stderr
         ran = [line.split("\0")[:-1] for line in log.read_text().splitlines()]
         assert ran == [argv[1:] for argv in dry_run(name, *args)], name
+
+
+def test_queued_resources_spot_and_multi_slice():
+    (argv,) = dry_run("create.sh", *SLICE, "--tpu=v5p", "--chips=64", "--queued", "--spot")
+    assert argv == ["gcloud", "compute", "tpus", "queued-resources", "create", "stts-4b", "--node-id=stts-4b",
+                    *LOCATION, "--accelerator-type=v5p-128", "--runtime-version=v2-alpha-tpuv5", "--spot"]
+    (argv,) = dry_run("create.sh", *SLICE, "--tpu=v5p", "--chips=32", "--slices=2", "--valid_until=6h")
+    assert argv == ["gcloud", "compute", "tpus", "queued-resources", "create", "stts-4b", "--node-count=2",
+                    "--node-prefix=stts-4b", *LOCATION, "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5",
+                    "--valid-until-duration=6h"]
+    (argv,) = dry_run("delete.sh", *SLICE, "--queued", "--yes")
+    assert argv == ["gcloud", "compute", "tpus", "queued-resources", "delete", "stts-4b", *LOCATION, "--force",
+                    "--quiet"]
+    # every slice's workers get the code and the trainer, which learns the slice count
+    _, scp0, scp1, ssh0, ssh1 = dry_run("install.sh", *SLICE, "--slices=2", f"--source={ROOT}")
+    assert [scp0[4], scp0[6], scp1[6]] == ["scp", "stts-4b-0:stts-jax.tar.gz", "stts-4b-1:stts-jax.tar.gz"]
+    assert [ssh0[4:6], ssh1[4:6]] == [["ssh", "stts-4b-0"], ["ssh", "stts-4b-1"]]
+    assert remote_command(ssh0) == remote_command(ssh1)
+    ssh0, ssh1 = dry_run("train.sh", *TRAIN, "--slices=2", "--", *EXTRA)
+    assert ssh0[5] == "stts-4b-0" and ssh1[5] == "stts-4b-1" and remote_command(ssh0) == remote_command(ssh1)
+    assert "--multihost --config.mesh.slices=2 " in remote_command(ssh0)
+    for name, args, message in [
+            ("create.sh", ["--tpu=v5p", "--chips=8", "--valid_until=6h"], "--valid_until applies to a queued"),
+            ("create.sh", ["--tpu=v5p", "--chips=8", "--queued", "--valid_until=soon"], "a duration like 6h"),
+            ("create.sh", ["--tpu=v5p", "--chips=8", "--slices=0"], "--slices='0' must be a positive integer"),
+            ("train.sh", TRAIN[3:] + ["--", "--config.mesh.slices=4"], "is set by train.sh")]:
+        out = script(name, "--dry_run", *SLICE, *args)
+        assert out.returncode == 2 and message in out.stderr, (name, args, out.stderr)
+
+
+def test_multi_slice_foreground_attaches_every_slice_at_once(tmp_path):
+    """--foreground on 2 slices: both ssh sessions run concurrently (a stub gcloud that waits for the other's
+    start marker would hang if they ran one after the other), and a failing slice fails the command."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text('#!/usr/bin/env bash\nnode=$5\ntouch "$MARKS/$node"\n'
+                      'for i in $(seq 100); do [[ -e $MARKS/stts-4b-0 && -e $MARKS/stts-4b-1 ]] && break; sleep 0.1; done\n'
+                      '[[ -e $MARKS/stts-4b-0 && -e $MARKS/stts-4b-1 ]] || exit 3\n[[ $node != "$FAIL" ]]\n')
+    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    for fail, status in [("none", 0), ("stts-4b-1", 1)]:
+        marks = tmp_path / f"marks-{fail}"
+        marks.mkdir()
+        env = dict(SAFE_ENV, PATH=f"{bin_dir}:{SAFE_ENV['PATH']}", MARKS=str(marks), FAIL=fail)
+        out = script("train.sh", *TRAIN, "--slices=2", "--foreground", env=env)
+        assert out.returncode == status, (fail, out.stderr)
+        assert sorted(os.listdir(marks)) == ["stts-4b-0", "stts-4b-1"]
+
+
+JOBSET = [os.path.join(TPU, "jobset.py"), "--name=stts-4b", "--tpu=v5p", "--chips=64",
+          "--image=us-docker.pkg.dev/my-project/stts/stts-jax:1", "--config=configs/molmo2_4b_stts.py:scorer",
+          "--workdir=gs://my-bucket/runs/stts-4b"]
+
+
+def jobset(*args, env=None):
+    return subprocess.run([sys.executable, *JOBSET, *args], capture_output=True, text=True, timeout=60,
+                          env=env or SAFE_ENV, cwd=ROOT)
+
+
+def test_jobset_manifest_for_one_and_two_slices(tmp_path):
+    import yaml
+
+    want_cmd = ["python", "launch/train.py", "--config=configs/molmo2_4b_stts.py:scorer",
+                "--workdir=gs://my-bucket/runs/stts-4b", "--multihost"]
+    for slices in (1, 2):
+        out_file = tmp_path / f"s{slices}.yaml"
+        out = jobset(f"--slices={slices}", f"--out={out_file}", "--spot", "--dry_run", "--", *EXTRA)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == f"+ kubectl apply -f {out_file}\n"
+        js = yaml.safe_load(out_file.read_text())
+        assert (js["apiVersion"], js["kind"], js["metadata"]["name"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet",
+                                                                           "stts-4b")
+        (rjob,) = js["spec"]["replicatedJobs"]
+        job = rjob["template"]["spec"]
+        pod = job["template"]["spec"]
+        (container,) = pod["containers"]
+        assert rjob["replicas"] == slices and job["parallelism"] == job["completions"] == 16  # v5p-128: 16 hosts
+        assert job["completionMode"] == "Indexed" and pod["restartPolicy"] == "Never"
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                       "cloud.google.com/gke-tpu-topology": "4x4x4", "cloud.google.com/gke-spot": "true"}
+        assert container["resources"]["limits"] == {"google.com/tpu": 4}
+        assert pod["terminationGracePeriodSeconds"] == 300 and js["spec"]["failurePolicy"]["maxRestarts"] == 10
+        assert container["workingDir"] == "/stts-jax"
+        env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+        if slices == 1:
+            assert container["command"] == want_cmd + EXTRA  # quoting survives: one argv entry per flag
+            assert not any(k.startswith("MEGASCALE") for k in env)
+        else:
+            assert container["command"] == want_cmd + ["--config.mesh.slices=2"] + EXTRA
+            assert env["MEGASCALE_NUM_SLICES"] == "2" and env["MEGASCALE_PORT"] == "8080"
+            assert env["MEGASCALE_SLICE_ID"] == {"fieldRef": {
+                "fieldPath": "metadata.annotations['jobset.sigs.k8s.io/job-index']"}}
+            assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"
+    # the same job through xpk, and both commands really executed when not a dry run
+    out = jobset("--slices=2", "--xpk_cluster=my-cluster", "--dry_run", "--", *EXTRA)
+    (line,) = out.stdout.splitlines()
+    argv = shlex.split(line[2:])
+    assert argv[:7] == ["xpk", "workload", "create", "--cluster=my-cluster", "--workload=stts-4b",
+                        "--tpu-type=v5p-128", "--num-slices=2"]
+    command = argv[-1][len("--command="):]
+    assert shlex.split(command) == ["cd", "/stts-jax", "&&", *want_cmd, "--config.mesh.slices=2", *EXTRA]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("kubectl", "xpk"):
+        (bin_dir / tool).write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$0" "$@" > "$LOG"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = dict(SAFE_ENV, PATH=f"{bin_dir}:{SAFE_ENV['PATH']}", LOG=str(tmp_path / "ran"))
+    for args, want in [([f"--out={tmp_path / 'r.yaml'}"], ["kubectl", "apply", "-f", str(tmp_path / "r.yaml")]),
+                       (["--xpk_cluster=my-cluster", "--slices=2", "--", *EXTRA], argv)]:
+        out = jobset(*args, env=env)
+        assert out.returncode == 0, out.stderr
+        ran = (tmp_path / "ran").read_text().split("\0")[:-1]
+        assert [os.path.basename(ran[0])] + ran[1:] == want
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chips=48"], "--chips=48: 48 chips: TPU slices here are powers of two"),
+    (["--slices=0"], "--slices=0: must be >= 1"),
+    (["--workdir=/local/run"], "must be a bucket path"),
+    (["--name=Stts_4b"], "--name='Stts_4b'"),
+    (["--config=configs/nope.py"], "configs/nope.py is not a config file"),
+    (["--", "--config.mesh.slices=2"], "is set by jobset.py"),
+    (["--", "steps=3"], "must look like --name=value"),
+])
+def test_jobset_refuses_bad_arguments(args, message, tmp_path):
+    out = jobset(*args, f"--out={tmp_path / 'x.yaml'}", "--dry_run")
+    assert out.returncode == 2 and message in out.stderr and "usage: launch/tpu/jobset.py" in out.stderr, out.stderr
+    assert not (tmp_path / "x.yaml").exists()

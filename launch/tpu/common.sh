@@ -62,6 +62,20 @@ check_common() {
   fi
 }
 
+# check_slices: validates --slices (default 1) and sets SLICES and NODES: the TPU VM names, NAME for one slice,
+# NAME-0 .. NAME-(S-1) for a multi-slice queued resource (gcloud's --node-prefix naming).
+check_slices() {
+  SLICES=${FLAG_slices:-1}
+  [[ $SLICES =~ ^[1-9][0-9]*$ ]] || usage_error "--slices='$SLICES' must be a positive integer"
+  NODES=()
+  if ((SLICES == 1)); then
+    NODES=("$FLAG_name")
+  else
+    local i
+    for ((i = 0; i < SLICES; i++)); do NODES+=("$FLAG_name-$i"); done
+  fi
+}
+
 # location_args: sets LOCATION_ARGS to the --zone/--project flags every gcloud call takes.
 location_args() {
   LOCATION_ARGS=("--zone=$FLAG_zone")

@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 USAGE="usage: launch/tpu/install.sh --name=NAME --zone=ZONE (--repo=URL [--ref=REF] | --source=DIR) [options]
 
   --name, --zone, --project   the slice (as given to create.sh)
+  --slices=S                  a multi-slice queued resource: install on every worker of NAME-0 .. NAME-(S-1)
   --repo=URL                  git repository every worker clones (needs network access to it)
   --ref=REF                   branch, tag or commit to check out (default: main)
   --source=DIR                instead of --repo: ship DIR's committed HEAD (git archive) to every worker with scp
@@ -20,8 +21,9 @@ pinned by the checkout's constraints.txt).
 Example:
   launch/tpu/install.sh --name=stts-4b --zone=us-east5-a --source=."
 BOOL_FLAGS="dry_run"
-parse_flags "name zone project repo ref source gcsfuse_bucket" "$@"
+parse_flags "name zone project repo ref source gcsfuse_bucket slices" "$@"
 check_common
+check_slices
 ((${#EXTRA_ARGS[@]} == 0)) || usage_error "install.sh takes no arguments after --"
 [[ -n ${FLAG_repo:-} || -n ${FLAG_source:-} ]] || usage_error "give --repo=URL or --source=DIR"
 [[ -n ${FLAG_repo:-} && -n ${FLAG_source:-} ]] && usage_error "give --repo or --source, not both"
@@ -37,7 +39,9 @@ if [[ -n ${FLAG_source:-} ]]; then
   git -C "$FLAG_source" rev-parse --verify -q HEAD >/dev/null || usage_error "--source='$FLAG_source' is not a git checkout with a commit"
   tarball=${TMPDIR:-/tmp}/stts-jax-$FLAG_name.tar.gz
   run git -C "$FLAG_source" archive --format=tar.gz --prefix=stts-jax/ -o "$tarball" HEAD
-  run gcloud compute tpus tpu-vm scp "$tarball" "$FLAG_name:stts-jax.tar.gz" --worker=all "${LOCATION_ARGS[@]}"
+  for node in "${NODES[@]}"; do
+    run gcloud compute tpus tpu-vm scp "$tarball" "$node:stts-jax.tar.gz" --worker=all "${LOCATION_ARGS[@]}"
+  done
   fetch='rm -rf "$HOME/stts-jax" && tar -xzf "$HOME/stts-jax.tar.gz" -C "$HOME"'
 else
   repo_q=$(quote "$FLAG_repo")
@@ -63,4 +67,6 @@ mountpoint -q /gcs/$bucket || gcsfuse --implicit-dirs -o ro $bucket /gcs/$bucket
 ls /gcs/$bucket >/dev/null && echo mounted gs://$bucket at /gcs/$bucket"
 fi
 
-run gcloud compute tpus tpu-vm ssh "$FLAG_name" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"
+for node in "${NODES[@]}"; do
+  run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"
+done

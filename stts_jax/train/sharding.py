@@ -14,23 +14,40 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from stts_jax.model.partitioning import LOGICAL_RULES, MESH_AXES, logical_to_spec  # noqa: F401 (the one table)
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
-              embed_dims: Sequence[int] = ()) -> Mesh:
+              embed_dims: Sequence[int] = (), slices: int = 1) -> Mesh:
     """Returns a (data, fsdp, tensor) mesh (Auto axes: XLA propagates shardings); one axis may be -1 = the rest.
 
-    `fsdp=0` picks the fsdp size: the largest divisor of the devices left by `tensor` that divides every
-    `embed_dims` size (see `embed_dims_of`), so no parameter is replicated for want of divisibility (the ViT
-    width 1152 does not divide by 256); `data` then takes the rest.
+    `fsdp=0` picks the fsdp size: the largest divisor of the devices left by `tensor` (within one slice) that
+    divides every `embed_dims` size (see `embed_dims_of`), so no parameter is replicated for want of
+    divisibility (the ViT width 1152 does not divide by 256); `data` then takes the rest.
+
+    `slices > 1` (multi-slice): the data axis spans `slices` slices joined by the data-center network (DCN), and
+    fsdp and tensor stay inside a slice (`mesh_utils.create_hybrid_device_mesh`), so only the gradient reduction
+    crosses DCN. A slice is the devices' `slice_index` where they span several (TPU multi-slice), else their
+    process (CPU tests, GPU hosts). Devices spread over several TPU slices need `slices` set to their count.
     """
     devices = list(devices if devices is not None else jax.devices())
+    granule = _granule(devices)
+    found = len({getattr(d, granule) for d in devices})
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(f"mesh: slices={slices} must be >= 1 and divide the {len(devices)} devices")
+    if slices > 1 and found != slices:
+        raise ValueError(f"mesh: slices={slices}, but the {len(devices)} devices form {found} "
+                         f"{'slice(s)' if granule == 'slice_index' else 'process(es), each taken as a slice'}")
+    if slices == 1 and granule == "slice_index" and found > 1:
+        raise ValueError(f"mesh: the devices span {found} TPU slices; set mesh.slices={found} (the data axis then "
+                         "crosses slices, fsdp and tensor stay inside one)")
     if fsdp == 0:
-        if tensor < 1 or len(devices) % tensor:
-            raise ValueError(f"mesh: fsdp=0 (auto) needs a fixed tensor size dividing {len(devices)} devices")
-        fsdp = auto_fsdp(len(devices) // tensor, embed_dims)
+        if tensor < 1 or (len(devices) // slices) % tensor:
+            raise ValueError(f"mesh: fsdp=0 (auto) needs a fixed tensor size dividing {len(devices) // slices} "
+                             "devices (per slice)")
+        fsdp = auto_fsdp(len(devices) // slices // tensor, embed_dims)
         data = -1
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -42,8 +59,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         sizes[sizes.index(-1)] = len(devices) // rest
     if math.prod(sizes) > len(devices):
         raise ValueError(f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} > {len(devices)} devices")
-    devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if slices == 1:
+        devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if math.prod(sizes) != len(devices) or sizes[0] % slices:
+        raise ValueError(f"mesh: with slices={slices} the mesh takes every device and data must be a multiple of "
+                         f"slices (fsdp and tensor stay inside a slice); got data={sizes[0]}, fsdp={sizes[1]}, "
+                         f"tensor={sizes[2]} on {len(devices)} devices")
+    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices,
+                                                process_is_granule=granule == "process_index")
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _granule(devices: Sequence[jax.Device]) -> str:
+    """The device attribute that tells slices apart: `slice_index` when the devices span several TPU slices, else
+    `process_index` (one slice, or devices without slices: each process is taken as a slice)."""
+    return "slice_index" if len({getattr(d, "slice_index", 0) for d in devices}) > 1 else "process_index"
 
 
 def auto_fsdp(devices: int, embed_dims: Sequence[int]) -> int:
@@ -153,4 +184,9 @@ def to_global(batch: dict, mesh: Mesh, *, batch_axis: int = 0) -> dict:
 
 def describe(mesh: Mesh) -> str:
     """Returns a one-line description of the mesh."""
-    return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({np.prod(list(mesh.shape.values()))} devices)"
+    devices = list(mesh.devices.flat)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    processes = len({d.process_index for d in devices})
+    span = (f", {slices} slices" if slices > 1 else "") + (f", {processes} processes" if processes > 1 else "")
+    return (" x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+            + f" ({np.prod(list(mesh.shape.values()))} devices{span})")

@@ -178,6 +178,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     # ---- config and workdir: refuse bad input before any compilation
     validate_train_config(cfg)
     evaluator = _Evaluator(cfg, workdir) if cfg.train.get("eval_every", 0) else None  # its split checked now
+    try:  # the devices checked against the mesh section before the workdir is touched
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                                  embed_dims=model_embed_dims(cfg.model) if cfg.mesh.fsdp == 0 else (),
+                                  slices=cfg.mesh.get("slices", 1))
+    except ValueError as e:
+        raise ConfigError(f"config section `mesh`: {str(e).removeprefix('mesh: ')}") from None
     paths.makedirs(workdir)
     lease, busy = None, None
     if jax.process_index() == 0:  # one lease per job: the other hosts of this job share process 0's
@@ -194,13 +200,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | Non
     if busy is not None:
         raise busy
     try:
-        return _run(cfg, workdir, evaluator, stop_after)
+        return _run(cfg, workdir, evaluator, stop_after, mesh)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run(cfg: ml_collections.ConfigDict, workdir: str, evaluator, stop_after: int | None) -> list[dict]:
+def _run(cfg: ml_collections.ConfigDict, workdir: str, evaluator, stop_after: int | None, mesh) -> list[dict]:
     """train() once the config is checked and the workdir leased."""
     checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"), cfg.train.ckpt_every,
                                          cfg.train.keep_ckpts, cfg.train.keep_period)
@@ -209,8 +215,6 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, evaluator, stop_after: in
         ckpt_lib.check_compatible(checkpointer.saved_config(latest), cfg)
 
     # ---- mesh
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
-                              embed_dims=model_embed_dims(cfg.model) if cfg.mesh.fsdp == 0 else ())
     logging.info("mesh: %s", sharding.describe(mesh))
     layout = frame_layout(cfg)
     own = load_own_init(cfg, mesh)
