@@ -254,9 +254,12 @@ def main(argv):
     except ValueError:
         raise app.UsageError(f"--chips={','.join(_CHIPS.value)}: expected integers like 8,64,256") from None
     for chips in chip_counts:
-        mesh_axes(_MESH.value, _CONFIG.value, chips)  # refuse a bad --mesh before any subprocess starts
+        data, fsdp, _ = mesh_axes(_MESH.value, _CONFIG.value, chips)  # refuse a bad --mesh before any subprocess
         if _SLICES.value < 1 or chips % _SLICES.value:
             raise app.UsageError(f"--slices={_SLICES.value} must be >= 1 and divide --chips ({chips})")
+        if fsdp != 0 and data % _SLICES.value:
+            raise app.UsageError(f"--mesh={_MESH.value}: data={data} on {chips} chips is not a multiple of "
+                                 f"--slices={_SLICES.value} (the data axis spans the slices)")
         if _PLATFORM.value == "tpu" and (chips < 1 or chips & (chips - 1)):
             raise app.UsageError(f"--chips: {chips} is not a power of two (TPU slice topologies)")
     if _PLATFORM.value == "auto":

@@ -88,14 +88,18 @@ def make_mesh(spec: str, model_cfg):
 
     if spec == "one":
         return None
+    slices = sharding.slice_count()  # on a multi-slice TPU the data axis spans the slices
     if spec == "auto":
-        return sharding.make_mesh(-1, 0, 1, embed_dims=model_embed_dims(model_cfg))
+        return sharding.make_mesh(-1, 0, 1, embed_dims=model_embed_dims(model_cfg), slices=slices)
     try:
         data, fsdp, tensor = (int(x) for x in spec.split(","))
     except ValueError:
         raise app.UsageError(f"--mesh must be one, auto or three comma-separated ints, got {spec!r}") from None
-    return sharding.make_mesh(data, fsdp, tensor,
-                              embed_dims=model_embed_dims(model_cfg) if fsdp == 0 else ())
+    try:
+        return sharding.make_mesh(data, fsdp, tensor, embed_dims=model_embed_dims(model_cfg) if fsdp == 0 else (),
+                                  slices=slices)
+    except ValueError as e:
+        raise app.UsageError(f"--mesh={spec}: {e}") from None
 
 
 def load(path: str):

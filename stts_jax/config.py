@@ -339,7 +339,7 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
     _require(all(isinstance(mesh.get(k, 1), int) for k in ("data", "fsdp", "tensor", "slices")), "mesh",
              "data, fsdp, tensor and slices must be integers")
     _require(mesh.get("slices", 1) >= 1, "mesh.slices", f"must be >= 1 (1 = one slice), got {mesh.get('slices')}")
-    _require(mesh.data == -1 or mesh.data % mesh.get("slices", 1) == 0, "mesh.data",
+    _require(mesh.data == -1 or mesh.fsdp == 0 or mesh.data % mesh.get("slices", 1) == 0, "mesh.data",
              f"must be -1 or a multiple of mesh.slices={mesh.get('slices')} (the data axis spans the slices), "
              f"got {mesh.data}")
     _require(tr.steps > 0, "train.steps", f"must be > 0, got {tr.steps}")

@@ -1,6 +1,6 @@
 """TPU slice shapes, pure Python (no jax): the topology of a slice of N chips, gcloud's accelerator type and GKE's
-node labels. Shared by launch/estimate.py (the compiled topology) and launch/tpu/jobset.py (the GKE manifest), so
-the slice a job is estimated on is the slice it asks for."""
+node labels. Shared by launch/estimate.py (the compiled topology) and launch/tpu/jobset.py (the GKE manifest): one
+slice shape for both (estimate's --chips counts all slices' chips, jobset's --chips one slice's)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ def topology_name(tpu: str, chips: int) -> str:
 
 
 def accelerator_type(tpu: str, chips: int) -> str:
-    """Returns gcloud's accelerator type of a slice (v5p and v4 count 2 cores per chip): v5p 64 -> v5p-128."""
+    """Returns gcloud's accelerator type of a slice (v5p and v4 count 2 cores per chip): v5p 64 -> v5p-128.
+    (launch/tpu/create.sh --tpu/--chips mirrors this mapping in bash.)"""
     topology_name(tpu, chips)  # refuses what is not a slice
+    if TOPOLOGY_DIMS[tpu] == 3 and chips < 4:
+        raise ValueError(f"{chips} chips: the smallest {tpu} slice has 4 chips ({tpu}-8)")
     return {"v5p": f"v5p-{2 * chips}", "v4": f"v4-{2 * chips}", "v5e": f"v5litepod-{chips}",
             "v6e": f"v6e-{chips}"}[tpu]
 

@@ -115,6 +115,9 @@ def test_batch_scaling_and_closed_forms():
     assert topology.accelerator_type("v5p", 32) == "v5p-64" and topology.accelerator_type("v5e", 64) == "v5litepod-64"
     with pytest.raises(ValueError, match="48 chips: TPU slices here are powers of two"):
         topology.accelerator_type("v5p", 48)
+    with pytest.raises(ValueError, match="the smallest v5p slice has 4 chips"):
+        topology.accelerator_type("v5p", 2)
+    assert topology.accelerator_type("v5e", 1) == "v5litepod-1"
     assert estimate.step_seconds(459e12 * 64 * 0.5, 64, 459e12, 0.5) == pytest.approx(1.0)
 
 
@@ -123,6 +126,9 @@ def test_batch_scaling_and_closed_forms():
     (["--mesh=3,-1,1", "--chips=8"], "8 chips do not divide by 3"),
     (["--chips=eight"], "expected integers"),
     (["--platform=tpu", "--chips=48"], "not a power of two"),
+    (["--mesh=fsdp", "--chips=8", "--slices=2"], "data=1 on 8 chips is not a multiple of --slices=2"),
+    (["--chips=8", "--slices=3"], "--slices=3 must be >= 1 and divide --chips (8)"),
+    (["--platform=cpu", "--chips=8", "--slices=2"], "--slices=2 needs --platform=tpu"),
 ])
 def test_cli_refuses_bad_flags_before_compiling(args, message):
     import subprocess

@@ -201,13 +201,31 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_they_resume(tmp_pat
 def test_two_slices_over_dcn_match_single_process(tmp_path):
     """mesh.slices=2 with each process as a slice (CPU devices carry no slice_index): the data axis spans the two
     processes (hybrid mesh: process 0 holds data rows 0-1, process 1 rows 2-3; fsdp=2 inside each), and the
-    losses equal one 8-device process's."""
+    losses equal one 8-device process's. (On CPU a plain mesh would place the devices alike: the worker records
+    the grids the trainer built through `sharding.hybrid_grid`; test_hybrid_grid_groups_each_slice checks the
+    grouping itself.)"""
     from configs import tiny_train
 
     cfg = tiny_train.get_config("scorer")
     cfg.train.update(steps=3, log_every=1, ckpt_every=100)
     results = run_two_processes(tmp_path, "slices")
-    assert results[0]["mesh_processes"] == [[[0], [0]], [[0], [0]], [[1], [1]], [[1], [1]]]  # [data][fsdp][tensor]
+    # the trainer built its mesh once from a hybrid grid: [data][fsdp][tensor] -> process
+    assert results[0]["mesh_processes"] == [[[[0], [0]], [[0], [0]], [[1], [1]], [[1], [1]]]]
     single = [r["loss"] for r in train(cfg, str(tmp_path / "single"))]
     np.testing.assert_allclose(results[0]["losses"], results[1]["losses"], rtol=0)
     np.testing.assert_allclose(results[0]["losses"], single, rtol=2e-5)
+
+
+def test_hybrid_grid_groups_each_slice_on_its_own_data_rows():
+    """Devices listed with their processes interleaved (0, 1, 0, 1, ...): a plain reshape would mix them; the
+    multi-slice grid gives each process (slice) its own contiguous data rows, fsdp and tensor inside it."""
+    from types import SimpleNamespace
+
+    from stts_jax.train import sharding
+
+    devices = [SimpleNamespace(id=i, process_index=i % 2, slice_index=0, platform="cpu", device_kind="cpu")
+               for i in range(8)]
+    grid = sharding.hybrid_grid((4, 2, 1), 2, devices)
+    assert grid.shape == (4, 2, 1)
+    assert [[d.process_index for d in row[:, 0]] for row in grid] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert sorted(d.id for d in grid[:2].flat) == [0, 2, 4, 6]

@@ -220,7 +220,10 @@ def test_queued_resources_spot_and_multi_slice():
             ("create.sh", ["--tpu=v5p", "--chips=8", "--valid_until=6h"], "--valid_until applies to a queued"),
             ("create.sh", ["--tpu=v5p", "--chips=8", "--queued", "--valid_until=soon"], "a duration like 6h"),
             ("create.sh", ["--tpu=v5p", "--chips=8", "--slices=0"], "--slices='0' must be a positive integer"),
-            ("train.sh", TRAIN[3:] + ["--", "--config.mesh.slices=4"], "is set by train.sh")]:
+            ("train.sh", TRAIN[3:] + ["--", "--config.mesh.slices=4"], "is set by train.sh"),
+            ("create.sh", ["--tpu=v5p", "--chips=48"], "--chips=48: TPU slices are powers of two"),
+            ("create.sh", ["--tpu=v5p", "--chips=2"], "the smallest v5p slice has 4 chips"),
+            ("create.sh", ["--name=" + "a" * 62, "--tpu=v5p", "--chips=8", "--slices=2"], "is too long for 2 slices")]:
         out = script(name, "--dry_run", *SLICE, *args)
         assert out.returncode == 2 and message in out.stderr, (name, args, out.stderr)
 
@@ -242,6 +245,21 @@ def test_multi_slice_foreground_attaches_every_slice_at_once(tmp_path):
         out = script("train.sh", *TRAIN, "--slices=2", "--foreground", env=env)
         assert out.returncode == status, (fail, out.stderr)
         assert sorted(os.listdir(marks)) == ["stts-4b-0", "stts-4b-1"]
+
+
+def test_detached_multi_slice_start_that_fails_names_the_started_slices(tmp_path):
+    """Detached, slices start one after another; when slice 1's ssh fails, the command fails and tells how to stop
+    the trainer already started on slice 0 (it would wait for its peers)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\n[[ $5 != stts-4b-1 ]] || exit 255\n')
+    (bin_dir / "gcloud").chmod(0o755)
+    out = script("train.sh", *TRAIN, "--slices=2", env=dict(SAFE_ENV, PATH=f"{bin_dir}:{SAFE_ENV['PATH']}"))
+    assert out.returncode == 255, out.stderr
+    assert "starting on stts-4b-1 failed (exit 255); already started on: stts-4b-0" in out.stderr, out.stderr
+    (stop,) = [line.strip() for line in out.stderr.splitlines() if line.startswith("  gcloud")]
+    assert shlex.split(stop) == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "stts-4b-0", "--worker=all", *LOCATION,
+                                 "--command=pkill -f launch/train.py"]
 
 
 JOBSET = [os.path.join(TPU, "jobset.py"), "--name=stts-4b", "--tpu=v5p", "--chips=64",
@@ -318,6 +336,9 @@ def test_jobset_manifest_for_one_and_two_slices(tmp_path):
     (["--config=configs/nope.py"], "configs/nope.py is not a config file"),
     (["--", "--config.mesh.slices=2"], "is set by jobset.py"),
     (["--", "steps=3"], "must look like --name=value"),
+    (["--chips=2"], "the smallest v5p slice has 4 chips"),
+    (["--xpk_cluster=c", "--spot"], "--spot applies to the kubectl manifest"),
+    (["--xpk_cluster=c", "--grace_s=600"], "--grace_s applies to the kubectl manifest"),
 ])
 def test_jobset_refuses_bad_arguments(args, message, tmp_path):
     out = jobset(*args, f"--out={tmp_path / 'x.yaml'}", "--dry_run")

@@ -72,6 +72,8 @@ check_slices() {
     NODES=("$FLAG_name")
   else
     local i
+    ((${#FLAG_name} + 1 + ${#SLICES} <= 63)) ||
+      usage_error "--name='$FLAG_name' is too long for $SLICES slices (NAME-<index> must fit 63 characters)"
     for ((i = 0; i < SLICES; i++)); do NODES+=("$FLAG_name-$i"); done
   fi
 }

@@ -35,6 +35,10 @@ if [[ -n ${FLAG_accelerator:-} ]]; then
 else
   require tpu chips
   [[ $FLAG_chips =~ ^[1-9][0-9]*$ ]] || usage_error "--chips='$FLAG_chips' must be a positive integer"
+  ((FLAG_chips & (FLAG_chips - 1))) && usage_error "--chips=$FLAG_chips: TPU slices are powers of two"
+  [[ $FLAG_tpu == v5p || $FLAG_tpu == v4 ]] && ((FLAG_chips < 4)) &&
+    usage_error "--chips=$FLAG_chips: the smallest $FLAG_tpu slice has 4 chips"
+  # (stts_jax/topology.py accelerator_type is the same mapping in Python, for launch/tpu/jobset.py)
   case $FLAG_tpu in
     v5p) accelerator="v5p-$((FLAG_chips * 2))" ;;
     v4) accelerator="v4-$((FLAG_chips * 2))" ;;

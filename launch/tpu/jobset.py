@@ -5,6 +5,7 @@ kubectl, or hands the same job to xpk.
       --config=configs/molmo2_4b_stts.py:scorer --workdir=gs://my-bucket/stts-4b \\
       -- --config.data.path=/gcs/my-data/video_qa --config.train.init_from=gs://my-bucket/Molmo2-4B-params
   python launch/tpu/jobset.py ... --slices=2          # multi-slice: 2 x v5p-128 over DCN (sets mesh.slices=2)
+                                                       # (--chips counts one slice's chips)
   python launch/tpu/jobset.py ... --xpk_cluster=my-gke-cluster   # xpk workload create instead of kubectl
   python launch/tpu/jobset.py ... --dry_run           # write the manifest, print the kubectl / xpk line only
 
@@ -13,8 +14,11 @@ The image must hold this repository at --image_workdir (default /stts-jax) insta
 jax.distributed finds its peers from what GKE's TPU webhook injects (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES); with
 --slices > 1 the manifest also sets MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID (the Job's index) and
 MEGASCALE_COORDINATOR_ADDRESS (slice 0's first pod), and passes --config.mesh.slices so the data axis spans the
-slices. A preempted pod gets SIGTERM: the trainer saves a checkpoint (terminationGracePeriodSeconds leaves it
---grace_s seconds) and the JobSet restarts (up to --max_restarts), resuming from --workdir.
+slices. An evicted pod gets SIGTERM: the trainer saves a checkpoint (terminationGracePeriodSeconds leaves it
+--grace_s seconds; a Spot preemption gives about 30 s whatever the setting, so a spot run may lose the steps since
+its last periodic checkpoint) and the JobSet restarts (up to --max_restarts), resuming from --workdir. With
+--xpk_cluster, xpk writes the JobSet: spot capacity and the grace period are then the xpk cluster's and xpk's
+(`xpk cluster create --spot`), so --spot, --grace_s and --out are refused there.
 
 Only the Python standard library is used, so it runs on a laptop without jax. The manifest is JSON-quoted YAML.
 """
@@ -49,7 +53,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="JobSet / xpk workload name (lowercase letters, digits, hyphens)")
     p.add_argument("--tpu", choices=topology.GENERATIONS, help="TPU generation (with --chips)")
-    p.add_argument("--chips", type=int, help="chips per slice (with --tpu); e.g. --tpu=v5p --chips=64 is v5p-128")
+    p.add_argument("--chips", type=int, help="chips of ONE slice (with --tpu); e.g. --tpu=v5p --chips=64 is v5p-128")
     p.add_argument("--slices", type=int, default=1, help="slices joined over DCN (multi-slice); default 1")
     p.add_argument("--image", required=True, help="container image holding this repository, installed")
     p.add_argument("--image_workdir", default="/stts-jax", help="the repository's directory in the image")
@@ -57,7 +61,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", required=True, help="gs://BUCKET/PATH: checkpoints and logs; a run resumes from it")
     p.add_argument("--spot", action="store_true", help="schedule on Spot TPU node pools (cloud.google.com/gke-spot)")
     p.add_argument("--max_restarts", type=int, default=10, help="JobSet restarts after a failure or preemption")
-    p.add_argument("--grace_s", type=int, default=300, help="seconds between SIGTERM and SIGKILL (the checkpoint)")
+    p.add_argument("--grace_s", type=int, default=None, help="seconds between SIGTERM and SIGKILL, for the "
+                   "checkpoint (default 300; Spot preemption gives about 30 s)")
     p.add_argument("--out", help="where the manifest goes (default: ./NAME.jobset.yaml)")
     p.add_argument("--xpk_cluster", help="submit with `xpk workload create --cluster=...` instead of kubectl")
     p.add_argument("--dry_run", action="store_true", help="write the manifest, print the command instead of running it")
@@ -84,6 +89,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     config_file = args.config.split(":")[0]
     if not (config_file.endswith(".py") and os.path.isfile(os.path.join(ROOT, config_file))):
         refuse(f"--config={args.config!r}: {config_file} is not a config file of this repository")
+    if args.xpk_cluster:
+        for flag, given in (("--spot", args.spot), ("--grace_s", args.grace_s is not None), ("--out", args.out)):
+            if given:
+                refuse(f"{flag} applies to the kubectl manifest; with --xpk_cluster, xpk writes the JobSet "
+                       "(spot capacity is the xpk cluster's node pools: xpk cluster create --spot)")
+    args.grace_s = 300 if args.grace_s is None else args.grace_s
     if args.max_restarts < 0 or args.grace_s < 0:
         refuse("--max_restarts and --grace_s must be >= 0")
     for flag in train_flags:

@@ -49,14 +49,26 @@ else
   remote="cd \"\$HOME/stts-jax\" && (setsid nohup $train_cmd > $log 2>&1 < /dev/null &) && echo started on \"\$(hostname)\", log $log"
 fi
 pids=()
+started=()
 for node in "${NODES[@]}"; do
   if [[ ${FLAG_foreground:-false} == true && ${FLAG_dry_run:-false} != true ]] && ((SLICES > 1)); then
     run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote" &
     pids+=($!)  # every slice attached at once (each waits for the others in jax.distributed)
+  elif run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"; then
+    started+=("$node")
   else
-    run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${LOCATION_ARGS[@]}" "--command=$remote"
+    status=$?
+    if ((${#started[@]})); then  # the started slices would wait for this one in jax.distributed: say so
+      printf 'error: starting on %s failed (exit %s); already started on: %s. Stop them with:\n' \
+        "$node" "$status" "${started[*]}" >&2
+      for done_node in "${started[@]}"; do
+        printf '  %s\n' "$(quote_all gcloud compute tpus tpu-vm ssh "$done_node" --worker=all "${LOCATION_ARGS[@]}" \
+          "--command=pkill -f launch/train.py")" >&2
+      done
+    fi
+    exit "$status"
   fi
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || status=$?; done
 exit $status

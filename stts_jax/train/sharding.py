@@ -29,17 +29,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 
     `slices > 1` (multi-slice): the data axis spans `slices` slices joined by the data-center network (DCN), and
     fsdp and tensor stay inside a slice (`mesh_utils.create_hybrid_device_mesh`), so only the gradient reduction
-    crosses DCN. A slice is the devices' `slice_index` where they span several (TPU multi-slice), else their
-    process (CPU tests, GPU hosts). Devices spread over several TPU slices need `slices` set to their count.
+    crosses DCN. A slice is the devices' `slice_index` on TPU, else their process (CPU tests, GPU hosts).
+    Devices spread over several TPU slices need `slices` set to their count (`slice_count`).
     """
     devices = list(devices if devices is not None else jax.devices())
     granule = _granule(devices)
-    found = len({getattr(d, granule) for d in devices})
+    found = len({getattr(d, granule, 0) for d in devices})  # (one-slice topology descriptions have none)
     if slices < 1 or len(devices) % slices:
         raise ValueError(f"mesh: slices={slices} must be >= 1 and divide the {len(devices)} devices")
     if slices > 1 and found != slices:
         raise ValueError(f"mesh: slices={slices}, but the {len(devices)} devices form {found} "
-                         f"{'slice(s)' if granule == 'slice_index' else 'process(es), each taken as a slice'}")
+                         f"{'TPU slice(s)' if granule == 'slice_index' else 'process(es), each taken as a slice'}")
     if slices == 1 and granule == "slice_index" and found > 1:
         raise ValueError(f"mesh: the devices span {found} TPU slices; set mesh.slices={found} (the data axis then "
                          "crosses slices, fsdp and tensor stay inside one)")
@@ -66,15 +66,26 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ValueError(f"mesh: with slices={slices} the mesh takes every device and data must be a multiple of "
                          f"slices (fsdp and tensor stay inside a slice); got data={sizes[0]}, fsdp={sizes[1]}, "
                          f"tensor={sizes[2]} on {len(devices)} devices")
-    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices,
-                                                process_is_granule=granule == "process_index")
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(hybrid_grid(tuple(sizes), slices, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def _granule(devices: Sequence[jax.Device]) -> str:
-    """The device attribute that tells slices apart: `slice_index` when the devices span several TPU slices, else
-    `process_index` (one slice, or devices without slices: each process is taken as a slice)."""
-    return "slice_index" if len({getattr(d, "slice_index", 0) for d in devices}) > 1 else "process_index"
+def hybrid_grid(sizes: tuple[int, int, int], slices: int, devices: Sequence) -> np.ndarray:
+    """Returns the [data, fsdp, tensor] device array of a multi-slice mesh: slice i's devices fill data rows
+    i*data/slices .. (i+1)*data/slices - 1 (`mesh_utils.create_hybrid_device_mesh`, DCN shape (slices, 1, 1))."""
+    return mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices,
+                                                process_is_granule=_granule(devices) == "process_index")
+
+
+def _granule(devices: Sequence) -> str:
+    """The device attribute that tells slices apart: `slice_index` on TPU, else `process_index` (CPU and GPU
+    devices of a multi-process run carry a slice_index of 0: each process is taken as a slice)."""
+    return "slice_index" if devices[0].platform == "tpu" else "process_index"
+
+
+def slice_count(devices: Sequence | None = None) -> int:
+    """Returns the TPU slices the devices span (1 off TPU): the `slices` a mesh over all of them needs."""
+    devices = list(devices if devices is not None else jax.devices())
+    return len({getattr(d, "slice_index", 0) for d in devices}) if _granule(devices) == "slice_index" else 1
 
 
 def auto_fsdp(devices: int, embed_dims: Sequence[int]) -> int:
@@ -185,7 +196,7 @@ def to_global(batch: dict, mesh: Mesh, *, batch_axis: int = 0) -> dict:
 def describe(mesh: Mesh) -> str:
     """Returns a one-line description of the mesh."""
     devices = list(mesh.devices.flat)
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    slices = slice_count(devices)
     processes = len({d.process_index for d in devices})
     span = (f", {slices} slices" if slices > 1 else "") + (f", {processes} processes" if processes > 1 else "")
     return (" x ".join(f"{name}={size}" for name, size in mesh.shape.items())
