@@ -19,24 +19,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, variant=""):
-    """Returns the two workers' results (losses, device counts) of multihost_worker.py. Runs before this process
-    trains its single-process reference, and drops this process's compiled programs first: each worker needs several
-    GB while compiling, and a 24 GiB CI machine has no memory to spare for the suite's own caches beside them."""
+def run_pair(worker: str, args_of, outputs: list, timeout: int = 600) -> list[dict]:
+    """Starts `worker` (a file beside this one) as processes 0 and 1 of a jax.distributed job on a free port with
+    argv [port, i, *args_of(i)], without this process's XLA_FLAGS; asserts both exit 0 and returns the JSON files
+    `outputs` they wrote. Drops this process's compiled programs first: each worker needs several GB while
+    compiling, and a 24 GiB CI machine has no memory to spare for the suite's own caches beside them."""
     import jax
 
     jax.clear_caches()
     gc.collect()
     port = free_port()
-    worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / "multi"),
-                               str(tmp_path / f"out{i}.json"), variant], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    procs = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), worker), str(port), str(i),
+                               *map(str, args_of(i))], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    results = [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)]
+    return [json.load(open(path)) for path in outputs]
+
+
+def run_two_processes(tmp_path, variant=""):
+    """Returns the two workers' results (losses, device counts) of multihost_worker.py. Runs before this process
+    trains its single-process reference (see run_pair)."""
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
+    results = run_pair("multihost_worker.py", lambda i: [tmp_path / "multi", outs[i], variant], outs)
     assert results[0]["devices"] == 8 and results[0]["local"] == 4
     return results
 
@@ -75,7 +82,6 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     """9 validation examples over 2 hosts (5 and 4: host 1 runs out first and steps along with empty rows), rows
     over both hosts' 8 devices, parameters restored onto that mesh: both hosts end with every prediction, equal
     to one process's."""
-    import jax
     import tensorflow_datasets as tfds
     from flax import nnx
 
@@ -95,18 +101,8 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     model = Molmo2VLM(cfg, rngs=nnx.Rngs(3))
     params_io.save_model(ckpt, model)
     tok = os.path.join(manual, "tokenizer.json")
-    jax.clear_caches()
-    gc.collect()
-    port = free_port()
-    worker = os.path.join(os.path.dirname(__file__), "multihost_eval_worker.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), ckpt, data_dir, tok,
-                               str(tmp_path / f"eval{i}.json")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    results = [json.load(open(tmp_path / f"eval{i}.json")) for i in range(2)]
+    outs = [tmp_path / f"eval{i}.json" for i in range(2)]
+    results = run_pair("multihost_eval_worker.py", lambda i: [ckpt, data_dir, tok, outs[i]], outs)
     single = ev.evaluate(params_io.load_model(ckpt), data_dir, tokenizer=tok, method="scorer", ratio=0.5, frames=8,
                          rows=8, progress=False)
     want = sorted(map(list, single.predictions))
@@ -127,17 +123,9 @@ def test_two_hosts_with_diverging_data_resume_each_where_it_was(tmp_path):
     manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
     write_benchmark(manual, 12, ClipSpec(), validation_clips=1)
     VideoQa(data_dir=data_dir).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    port = free_port()
-    worker = os.path.join(os.path.dirname(__file__), "multihost_resume_worker.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), data_dir,
-                               os.path.join(manual, "tokenizer.json"), str(tmp_path / "runs"),
-                               str(tmp_path / f"out{i}.json")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    results = [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)]
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
+    results = run_pair("multihost_resume_worker.py", lambda i: [data_dir, os.path.join(manual, "tokenizer.json"),
+                                                                tmp_path / "runs", outs[i]], outs, timeout=900)
     assert results[0] == results[1]
     straight, resumed = results[0]["straight"], results[0]["resumed"]
     assert sorted(straight) == sorted(resumed) == ["1", "2", "3", "4"]
